@@ -1,0 +1,174 @@
+"""Typed configuration: the application arguments of ``deployments/via_sd.yaml``.
+
+One file describes models, tiers and thresholds for both ``serve run`` and the in-process
+CLI (``via-sd generate --config``). ``load_config`` accepts either a Ray Serve config
+(it takes the ``args`` of the application) or a bare mapping of those args. Every error
+names the field, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from via_sd_ray.core.policy import SCORES, Mode, RouterPolicy
+from via_sd_ray.errors import ConfigError
+
+DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
+PROMPT_LOOKUP = "prompt-lookup"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(description="Registry name (`via-sd models list`), Hugging Face id, local checkpoint "
+                        "directory, .gguf file, or `tiny-random:<name>` for tests.")
+    dtype: DTypeName = Field("bfloat16", description="Weight and activation dtype (bf16 is fastest on CPU here).")
+    revision: str | None = Field(None, description="Hub revision, for Hugging Face ids.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
+
+
+class DrafterConfig(ModelConfig):
+    source: str = Field("qwen2.5-coder-0.5b-instruct", description=f"As for models, or `{PROMPT_LOOKUP}` for a "
+                        "model-free n-gram drafter.")
+    max_ngram: int = Field(3, ge=1, le=16, description="prompt-lookup: longest n-gram matched.")
+    min_ngram: int = Field(1, ge=1, le=16, description="prompt-lookup: shortest n-gram matched.")
+
+
+class ModelsConfig(_Strict):
+    drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter tier.")
+    verifier: ModelConfig = Field(default_factory=lambda: ModelConfig(source="qwen2.5-coder-1.5b-instruct"),
+                                  description="The full verifier; the slim verifier is a subset of its layers.")
+
+
+class SlimConfig(_Strict):
+    layers: list[int] | None = Field(None, description="Indices of the verifier's decoder layers the slim verifier "
+                                     "keeps (increasing). None: chosen by the profile, else every layer.")
+
+
+class RouterConfig(_Strict):
+    mode: Mode = Field(Mode.VIA_SD, description="ar: full verifier alone; sd: drafter + full verifier; "
+                       "via-sd: drafter + slim + full verifier.")
+    block_size: int = Field(4, ge=1, le=64, description="K: draft tokens per block (the most; a block may end "
+                            "early below draft_stop_threshold).")
+    direct_threshold: float = Field(0.95, ge=0, le=1, description="Block confidence at or above which a block is "
+                                    "committed without a verifier (via-sd, lossy).")
+    slim_threshold: float = Field(0.5, ge=0, le=1, description="Block confidence at or above which the slim "
+                                  "verifier decides the block; below, the full verifier does.")
+    escalate_threshold: float = Field(0.8, ge=0, le=1, description="Slim verifier top probability below which it "
+                                      "hands the rest of the block to the full verifier.")
+    lossless: bool = Field(False, description="Every committed token is checked by the full verifier; output equals "
+                           "the full model's (greedy) or its distribution (sampling).")
+    score: Literal[SCORES] = Field("min", description="How token probabilities make a block confidence.")
+    draft_stop_threshold: float = Field(0.0, ge=0, le=1, description="The drafter ends a block after a token whose "
+                                        "probability is below this (0: always K tokens).")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.slim_threshold > self.direct_threshold:
+            raise ValueError(
+                f"thresholds out of order: expected slim_threshold <= direct_threshold, received "
+                f"slim_threshold={self.slim_threshold}, direct_threshold={self.direct_threshold}"
+            )
+        return self
+
+    def policy(self, **overrides) -> RouterPolicy:
+        fields = self.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        return RouterPolicy(**fields)
+
+
+class LimitsConfig(_Strict):
+    max_tokens: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
+    max_cache_bytes: int | None = Field(None, ge=1, description="KV-cache budget per tier runner (LRU eviction).")
+
+
+class EngineConfig(_Strict):
+    served_model_name: str = Field("via-sd", description="The model name clients use (OpenAI `model`).")
+    profile: str | None = Field(None, description="A calibration profile (written by `via-sd calibrate`) giving "
+                                "slim.layers and router thresholds; values set here win.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    slim: SlimConfig = Field(default_factory=SlimConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per process (None: torch default).")
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"]
+        expected = msg.removeprefix("Value error, ").removeprefix("Input should be ")
+        received = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown field (received {received!r})")
+        elif e["type"] == "value_error":
+            lines.append(f"{field or 'config'}: {expected}")
+        else:
+            lines.append(f"{field}: expected {expected}, received {received!r}")
+    return "; ".join(lines)
+
+
+def parse_config(args: dict[str, Any] | None, base_dir: Path | None = None) -> EngineConfig:
+    """Validate application ``args``, merging in the profile they reference."""
+    args = dict(args or {})
+    profile = args.get("profile")
+    if profile:
+        args = merge_profile(args, _resolve(profile, base_dir))
+    try:
+        return EngineConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def merge_profile(args: dict[str, Any], profile_path: Path) -> dict[str, Any]:
+    """``args`` with the profile's slim and router values filled in where ``args`` leaves them unset."""
+    if not profile_path.is_file():
+        raise ConfigError(f"profile: expected an existing profile file, received {str(profile_path)!r}")
+    data = yaml.safe_load(profile_path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile: expected a mapping in {profile_path}, received {type(data).__name__}")
+    merged = dict(args)
+    merged["profile"] = str(profile_path)
+    for section in ("slim", "router"):
+        given = dict(merged.get(section) or {})
+        merged[section] = {**(data.get(section) or {}), **given}
+    return merged
+
+
+def load_config(path: str | Path, app: str | None = None) -> EngineConfig:
+    """Read a YAML file: a Ray Serve config (the ``args`` of application ``app``, or of the only
+    / first application) or a bare mapping of application args."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: expected an existing YAML file, received {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: expected valid YAML, received a parse error: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, received {type(data).__name__}")
+    if "applications" in data:
+        apps = data["applications"] or []
+        chosen = [a for a in apps if app is None or a.get("name") == app]
+        if not chosen:
+            names = [a.get("name") for a in apps]
+            raise ConfigError(f"applications: expected an application named {app!r}, received {names}")
+        data = chosen[0].get("args") or {}
+    return parse_config(data, base_dir=path.parent)
+
+
+def _resolve(profile: str, base_dir: Path | None) -> Path:
+    p = Path(profile).expanduser()
+    if p.is_absolute() or base_dir is None:
+        return p
+    for candidate in (base_dir / p, Path.cwd() / p):
+        if candidate.is_file():
+            return candidate
+    return base_dir / p

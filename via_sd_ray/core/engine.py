@@ -1,0 +1,208 @@
+"""One generation's block loop as a sans-IO state machine.
+
+``Generation.steps()`` is a generator. It yields tier calls (``DraftCall``,
+``VerifyCall``) and receives their replies (``Draft``, ``Verdict``), and it yields
+``Commit`` events for the tokens it commits. Who answers the calls is not its
+business: ``drive`` answers them in-process, the serving router answers them with
+Ray handles to tier deployments. Every call carries the whole committed sequence, so
+a tier replica that has no KV cache for the generation can rebuild it from token ids.
+
+Per block:
+
+1. the drafter proposes up to K tokens and its probability of each;
+2. the policy routes the block by its confidence to ``direct``, ``slim`` or ``full``;
+3. ``slim`` verifies and recovers like a verifier; from the first position where its own
+   top probability is below the escalation threshold, its candidate goes to ``full``;
+4. the committed tokens are cut at EOS, stop strings and ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+
+from via_sd_ray.core.policy import Mode, RouterPolicy, Tier, block_confidence
+from via_sd_ray.core.sampling import SamplingParams, derive_seed
+from via_sd_ray.core.stats import BlockRecord, GenerationStats
+from via_sd_ray.core.verify import Verdict
+from via_sd_ray.errors import InvalidRequest
+
+
+@dataclass
+class DraftCall:
+    """Ask the drafter for up to ``k`` tokens after ``committed``."""
+
+    generation_id: str
+    committed: list[int]
+    k: int
+    params: SamplingParams
+    seed: int  # seeds this call's draws; derived from the generation seed and the block index
+    stop_threshold: float = 0.0  # stop the block early after a token whose probability is below this
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # the block
+    token_probs: list[float]  # drafter probability of each block token
+    probs: torch.Tensor | None = None  # [len(tokens), V] warped drafter distributions (sampling only)
+
+
+@dataclass
+class VerifyCall:
+    """Ask verifier ``tier`` to verify ``block`` after ``committed``."""
+
+    tier: Tier
+    generation_id: str
+    committed: list[int]
+    block: list[int]
+    params: SamplingParams
+    seed: int
+    draft_probs: torch.Tensor | None = None  # [len(block), V]; None: greedy, or one-hot proposals
+    return_probs: bool = False
+
+
+@dataclass
+class Commit:
+    """Tokens appended to the generation by one block."""
+
+    tokens: list[int]
+    tier: Tier
+    finish_reason: str | None = None  # "stop" or "length" on the last commit
+
+
+@dataclass
+class Generation:
+    """The state of one generation; ``steps()`` runs its block loop."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    policy: RouterPolicy
+    eos_token_ids: tuple[int, ...] = ()
+    max_context: int | None = None
+    decode: Callable[[list[int]], str] | None = None  # needed only for stop strings
+    generation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    output_ids: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    finish_reason: str | None = None
+    stop_text_end: int | None = None  # where the output text ends when a stop string matched
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise InvalidRequest("prompt: expected at least one token, received an empty prompt")
+        if self.max_context is not None and len(self.prompt_ids) + self.params.max_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt + max_tokens: expected at most {self.max_context} tokens (the context window), "
+                f"received {len(self.prompt_ids)} prompt tokens + max_tokens {self.params.max_tokens}"
+            )
+        if self.params.stop and self.decode is None:
+            raise InvalidRequest("stop: stop strings need a tokenizer to decode with")
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        self._stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.eos_token_ids))
+
+    @property
+    def committed(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def steps(self) -> Generator[DraftCall | VerifyCall | Commit, Draft | Verdict | None, GenerationStats]:
+        policy, params = self.policy, self.params
+        block_index = 0
+        while self.finish_reason is None:
+            remaining = params.max_tokens - len(self.output_ids)
+            k = min(policy.block_size, remaining - 1) if policy.uses_drafter else 0
+            draft = Draft([], [])
+            if k > 0:
+                draft = yield DraftCall(self.generation_id, self.committed, k, params, self._seed("draft", block_index),
+                                        policy.draft_stop_threshold)
+            confidence = block_confidence(draft.token_probs, policy.score)
+            tier = policy.route(confidence) if draft.tokens else Tier.FULL
+            record = BlockRecord(tier=tier, proposed=len(draft.tokens), confidence=confidence)
+            if tier is Tier.DIRECT:
+                new = list(draft.tokens)
+            elif tier is Tier.SLIM:
+                new = yield from self._slim(draft, block_index, record)
+            else:
+                verdict = yield self._verify_call(Tier.FULL, self.committed, draft.tokens, draft.probs, block_index)
+                new = verdict.tokens(draft.tokens)
+            record.accepted = _common_prefix(draft.tokens, new)
+            committed = self._commit(new)
+            record.committed = len(committed)
+            self.stats.record(record)
+            yield Commit(committed, tier, self.finish_reason)
+            block_index += 1
+        return self.stats
+
+    def _slim(self, draft: Draft, block_index: int, record: BlockRecord):
+        verdict = yield self._verify_call(Tier.SLIM, self.committed, draft.tokens, draft.probs, block_index,
+                                          return_probs=not self.params.greedy)
+        candidate = verdict.tokens(draft.tokens)  # accepted prefix + slim's recovered or bonus token
+        cut = self.policy.escalate_at(verdict.confidence)
+        if cut is None:
+            return candidate
+        record.escalated = True
+        head, tail = candidate[:cut], candidate[cut:]
+        # The slim verifier's outputs are samples of its own distribution, so that is the proposal.
+        tail_probs = verdict.probs[cut:] if verdict.probs is not None else None
+        full = yield self._verify_call(Tier.FULL, self.committed + head, tail, tail_probs, block_index)
+        return head + full.tokens(tail)
+
+    def _verify_call(self, tier, committed, block, draft_probs, block_index, return_probs=False) -> VerifyCall:
+        return VerifyCall(tier, self.generation_id, committed, list(block), self.params, self._seed("verify", tier.value, block_index),
+                          None if self.params.greedy else draft_probs, return_probs)
+
+    def _seed(self, *salt) -> int:
+        return derive_seed(self.seed, *salt)
+
+    def _commit(self, tokens: list[int]) -> list[int]:
+        """Append ``tokens``, cut after EOS / a stop token / a stop string, or at ``max_tokens``."""
+        taken: list[int] = []
+        for token in tokens:
+            self.output_ids.append(token)
+            taken.append(token)
+            if token in self._stops or self._stop_string_done():
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.params.max_tokens:
+                self.finish_reason = "length"
+            if self.finish_reason:
+                break
+        return taken
+
+    def _stop_string_done(self) -> bool:
+        """True when the text now contains a stop string; sets where the text ends."""
+        if not self.params.stop:
+            return False
+        window = max(map(len, self.params.stop)) + 8  # tokens: every token decodes to >= 0 characters
+        tail = self.decode(self.output_ids[-window:])
+        if not any(s in tail for s in self.params.stop):
+            return False
+        text = self.decode(self.output_ids)
+        self.stop_text_end = min((i for s in self.params.stop if (i := text.find(s)) >= 0), default=len(text))
+        return True
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def drive(steps: Generator, dispatch: Callable[[DraftCall | VerifyCall], Draft | Verdict]):
+    """Run a generation's steps, answering tier calls with ``dispatch``; yields ``Commit`` events."""
+    reply = None
+    while True:
+        try:
+            item = steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(item, Commit):
+            reply = None
+            yield item
+        else:
+            reply = dispatch(item)
+
+
+__all__ = ["Commit", "Draft", "DraftCall", "Generation", "Mode", "Verdict", "VerifyCall", "drive"]

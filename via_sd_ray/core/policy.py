@@ -1,0 +1,105 @@
+"""The VIA-SD routing policy: which tier decides a drafted block.
+
+A block's confidence is a score of the drafter's probabilities of its own tokens
+(``block_confidence``). The router compares it with two thresholds:
+
+    confidence >= direct_threshold  -> direct: committed without any verifier
+    confidence >= slim_threshold    -> slim verifier (which escalates where it is unsure)
+    otherwise                       -> full verifier
+
+The slim verifier escalates from the first position where its own top probability is
+below ``escalate_threshold``. In the lossless setting every block ends at the full
+verifier: high-confidence blocks go straight to it, and the slim tier only improves
+medium blocks before the full verifier checks them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from via_sd_ray.errors import ConfigError
+
+
+class Mode(str, Enum):
+    AR = "ar"  # full verifier alone
+    SD = "sd"  # drafter + full verifier
+    VIA_SD = "via-sd"  # drafter + slim verifier + full verifier
+
+
+class Tier(str, Enum):
+    DIRECT = "direct"
+    SLIM = "slim"
+    FULL = "full"
+
+
+SCORES = ("min", "prod", "mean", "geomean")
+
+
+def block_confidence(token_probs: list[float], score: str = "min") -> float:
+    """Confidence of a block from the drafter's probability of each of its tokens."""
+    if not token_probs:
+        return 0.0
+    if score == "min":
+        return min(token_probs)
+    if score == "prod":
+        return math.prod(token_probs)
+    if score == "mean":
+        return sum(token_probs) / len(token_probs)
+    if score == "geomean":
+        return math.prod(token_probs) ** (1.0 / len(token_probs))
+    raise ConfigError(f"router.score: expected one of {SCORES}, received {score!r}")
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    """Thresholds and block shape of the block router. Immutable: adaptive state lives elsewhere."""
+
+    mode: Mode = Mode.VIA_SD
+    block_size: int = 4
+    direct_threshold: float = 0.95
+    slim_threshold: float = 0.5
+    escalate_threshold: float = 0.8
+    lossless: bool = False
+    score: str = "min"
+    draft_stop_threshold: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", Mode(self.mode))
+        if not 1 <= self.block_size <= 64:
+            raise ConfigError(f"router.block_size: expected an int in [1, 64], received {self.block_size!r}")
+        for name in ("direct_threshold", "slim_threshold", "escalate_threshold", "draft_stop_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"router.{name}: expected a number in [0, 1], received {value!r}")
+        if self.slim_threshold > self.direct_threshold:
+            raise ConfigError(
+                "router thresholds out of order: expected slim_threshold <= direct_threshold, received "
+                f"slim_threshold={self.slim_threshold}, direct_threshold={self.direct_threshold}"
+            )
+        if self.score not in SCORES:
+            raise ConfigError(f"router.score: expected one of {SCORES}, received {self.score!r}")
+
+    @property
+    def uses_drafter(self) -> bool:
+        return self.mode is not Mode.AR
+
+    def route(self, confidence: float) -> Tier:
+        """The tier that decides a block of the given confidence."""
+        if self.mode is not Mode.VIA_SD:
+            return Tier.FULL
+        if confidence >= self.direct_threshold:
+            return Tier.FULL if self.lossless else Tier.DIRECT
+        if confidence >= self.slim_threshold:
+            return Tier.SLIM
+        return Tier.FULL
+
+    def escalate_at(self, slim_confidence: list[float]) -> int | None:
+        """First candidate position the slim verifier is unsure of (always 0 when lossless), or None."""
+        if self.lossless:
+            return 0
+        for pos, conf in enumerate(slim_confidence):
+            if conf < self.escalate_threshold:
+                return pos
+        return None

@@ -1,0 +1,114 @@
+"""A decoder stack over the modules of a Hugging Face causal LM: embed, a chosen list of
+decoder layers, final norm, LM head.
+
+The full verifier is the stack of all layers; the slim verifier is the same model with a
+subset of them (same weights, embeddings, norm and head). Driving the layers ourselves,
+instead of calling the model's ``forward``, lets each stack write into its own
+``KVCache``, skip layers, and compute the LM head only on the positions it needs: the
+catch-up tokens of a verifier pass need KV entries but no logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from via_sd_ray.errors import ConfigError
+from via_sd_ray.models.kv_cache import KVCache
+
+# Architectures whose decoder layers take (hidden, attention_mask, position_ids,
+# past_key_values, position_embeddings) and whose model adds nothing between them.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, lm: nn.Module, layers: list[int] | None = None):
+        super().__init__()
+        config = lm.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model: expected an architecture in {SUPPORTED_MODEL_TYPES}, received {config.model_type!r}"
+            )
+        base = lm.model
+        all_layers = list(base.layers)
+        layers = list(range(len(all_layers))) if layers is None else check_layers(layers, len(all_layers))
+        self.config = config
+        self.embed_tokens = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.layers = nn.ModuleList(all_layers[i] for i in layers)
+        self.norm = base.norm
+        self.lm_head = lm.get_output_embeddings()
+        self.layer_ids = [layer.self_attn.layer_idx for layer in self.layers]
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_context = config.max_position_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.layer_ids, self.config.num_key_value_heads, self.head_dim, self.dtype, self.device,
+                       capacity)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], cache: KVCache, num_logits: int) -> torch.Tensor:
+        """Run ``token_ids`` after what ``cache`` holds; return float32 logits [num_logits, V] of the last
+        ``num_logits`` positions. The cache then holds ``token_ids`` too."""
+        n = len(token_ids)
+        assert 1 <= num_logits <= n
+        start = cache.begin(n)
+        if start + n > self.max_context:
+            raise ValueError(f"sequence of {start + n} tokens exceeds the context window of {self.max_context}")
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
+        hidden = self.embed_tokens(ids)  # [1, T, H]
+        positions = torch.arange(start, start + n, device=self.device)[None]  # [1, T]
+        rotary = self.rotary_emb(hidden, position_ids=positions)
+        mask = _causal_mask(start, n, hidden.dtype, self.device)  # [1, 1, T, start + T] or None
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True, position_embeddings=rotary)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        cache.finish(token_ids)
+        hidden = self.norm(hidden[:, n - num_logits :])  # [1, num_logits, H]
+        return self.lm_head(hidden)[0].float()  # [num_logits, V]
+
+
+def _causal_mask(start: int, n: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Additive mask letting query i (at position start + i) see keys 0..start + i."""
+    if n == 1:
+        return None  # a single query sees every cached key
+    keys = torch.arange(start + n, device=device)
+    queries = torch.arange(start, start + n, device=device)
+    blocked = keys[None, :] > queries[:, None]  # [T, start + T]
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+        blocked, torch.finfo(dtype).min)[None, None]
+
+
+def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Cut ``model`` (in place) down to the decoder layers ``keep``, re-indexed from 0."""
+    layers = model.model.layers
+    check_layers(keep, len(layers))
+    model.model.layers = nn.ModuleList(layers[i] for i in keep)
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def check_layers(layers: list[int], total: int) -> list[int]:
+    """``layers`` as a list, if they are increasing distinct indices of a ``total``-layer model."""
+    layers = list(layers)
+    if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < total:
+        raise ConfigError(f"slim.layers: expected increasing distinct indices in [0, {total - 1}], received {layers}")
+    return layers

@@ -1,0 +1,171 @@
+"""Loading checkpoints: registry names, local safetensors directories, GGUF files, Hugging
+Face ids, and the tiny random models of the tests.
+
+Weights are read only from safetensors or GGUF, never from pickle files. A process that
+hosts only the slim verifier reads only the slim verifier's layers from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from via_sd_ray.errors import ConfigError
+from via_sd_ray.models import registry, tiny
+from via_sd_ray.models.decoder import check_layers, keep_layers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+# Extra end-of-sequence tokens some families emit besides the tokenizer's EOS.
+EXTRA_EOS_TOKENS = {"qwen2": ("<|endoftext|>", "<|im_end|>")}
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str  # "tiny" | "dir" | "gguf"
+    location: str  # tiny model name, checkpoint directory or .gguf path
+
+
+def resolve(source: str, revision: str | None = None, pull: bool = True) -> ResolvedSource:
+    """Where ``source`` lives locally, pulling registry models (and hub ids) on first use."""
+    if tiny.is_tiny(source):
+        return ResolvedSource("tiny", source.removeprefix(tiny.SOURCE_PREFIX))
+    if source in registry.MODELS:
+        if not registry.is_pulled(source) and not pull:
+            raise ConfigError(f"model {source!r} is not pulled yet; run `via-sd models pull {source}`")
+        return ResolvedSource("dir", str(registry.pull(source)))
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedSource("gguf", str(path))
+    if path.is_dir():
+        if not list(path.glob("*.safetensors")):
+            raise ConfigError(f"model source: expected safetensors weights in {path}, found none "
+                              "(pickle checkpoints are refused)")
+        return ResolvedSource("dir", str(path))
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"model source: expected a registry name {sorted(registry.MODELS)}, a checkpoint directory, a .gguf "
+            f"file or a Hugging Face id, received {source!r}"
+        )
+    return ResolvedSource("dir", _snapshot(source, revision))
+
+
+def _snapshot(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"])
+    except Exception as err:  # offline, unknown id, gated repo: all say the same to the user
+        raise ConfigError(
+            f"model source: expected a registry name {sorted(registry.MODELS)}, a local checkpoint or a reachable "
+            f"Hugging Face id, received {repo_id!r} ({type(err).__name__}: {err})"
+        ) from None
+
+
+def load_tokenizer(resolved: ResolvedSource):
+    from transformers import AutoTokenizer
+
+    if resolved.kind == "tiny":
+        return tiny.tiny_tokenizer()
+    if resolved.kind == "gguf":
+        path = Path(resolved.location)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(resolved.location)
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every token id that ends a generation for this model and tokenizer."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    for token in EXTRA_EOS_TOKENS.get(model.config.model_type, ()):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
+            ids.add(token_id)
+    return tuple(sorted(ids))
+
+
+def load_model(resolved: ResolvedSource, dtype: str = "bfloat16", layers: list[int] | None = None,
+               attn_implementation: str = "sdpa"):
+    """A Hugging Face causal LM in eval mode. With ``layers``, only those decoder layers are read
+    and the model holds them re-indexed from 0 (a slim-verifier-only process)."""
+    torch_dtype = DTYPES[dtype]
+    if resolved.kind == "tiny":
+        model = tiny.tiny_model(resolved.location, dtype=torch_dtype)
+        return keep_layers(model, layers) if layers is not None else model
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    if resolved.kind == "gguf":
+        path = Path(resolved.location)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch_dtype, attn_implementation=attn_implementation,
+            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
+        return (keep_layers(model, layers) if layers is not None else model).eval()
+    if layers is not None:
+        return _load_layers(Path(resolved.location), layers, torch_dtype, attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(
+        resolved.location, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True
+    ).eval()
+
+
+def _load_layers(directory: Path, layers: list[int], dtype: torch.dtype, attn_implementation: str):
+    """Build the model with ``len(layers)`` decoder layers and read only those from the safetensors files."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    layers = check_layers(layers, config.num_hidden_layers)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    if hasattr(config, "max_window_layers"):
+        config.max_window_layers = min(config.max_window_layers, len(layers))
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    new_index = {orig: new for new, orig in enumerate(layers)}
+    pattern = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+    state = {}
+    for file in _safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = key
+                if m := pattern.match(key):
+                    if int(m[1]) not in new_index:
+                        continue
+                    name = f"model.layers.{new_index[int(m[1])]}.{m[2]}"
+                state[name] = f.get_tensor(key).to(dtype)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {directory}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # non-persistent buffers (rotary frequencies) are not in the checkpoint: rebuild them off meta
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ConfigError(f"checkpoint {directory}: tensors left unloaded: {leftover[:5]}")
+    return model.eval()
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"checkpoint {directory}: expected *.safetensors files, found none")
+    return files

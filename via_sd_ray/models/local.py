@@ -1,0 +1,178 @@
+"""The in-process engine: drafter, slim verifier and full verifier in one process, no Ray.
+
+The slim verifier shares the full verifier's modules (same weights, no extra memory) and
+keeps its own KV caches. ``LocalEngine`` answers the core block loop's tier calls
+directly and times each tier, which is what the CLI and the benchmarks use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig
+from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall, drive
+from via_sd_ray.core.ngram import PromptLookupDrafter
+from via_sd_ray.core.policy import RouterPolicy, Tier
+from via_sd_ray.core.sampling import SamplingParams
+from via_sd_ray.core.stats import GenerationStats
+from via_sd_ray.errors import ConfigError, InvalidRequest
+from via_sd_ray.models.decoder import DecoderStack
+from via_sd_ray.models.detok import IncrementalText
+from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve
+from via_sd_ray.models.runner import TierRunner
+
+
+@dataclass
+class TierTimes:
+    """Wall time and calls per tier over a generation."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"drafter": 0.0, "slim": 0.0, "full": 0.0})
+    calls: dict[str, int] = field(default_factory=lambda: {"drafter": 0, "slim": 0, "full": 0})
+
+    def add(self, tier: str, seconds: float) -> None:
+        self.seconds[tier] += seconds
+        self.calls[tier] += 1
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    stats: GenerationStats
+    times: TierTimes
+    elapsed: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.elapsed if self.elapsed > 0 else 0.0
+
+    def stats_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.token_ids),
+            "elapsed_s": self.elapsed,
+            "tokens_per_s": self.tokens_per_second,
+            "finish_reason": self.finish_reason,
+            **self.stats.to_dict(),
+            "tier_seconds": dict(self.times.seconds),
+            "tier_calls": dict(self.times.calls),
+        }
+
+
+@dataclass
+class StreamEvent:
+    token_ids: list[int]  # committed by this block
+    text: str  # new text (may be empty while a character or a possible stop string is incomplete)
+    tier: Tier
+    finish_reason: str | None
+
+
+class LocalEngine:
+    def __init__(self, config: EngineConfig, threads: int | None = None):
+        self.config = config
+        if threads or config.threads:
+            torch.set_num_threads(threads or config.threads)
+        verifier_cfg = config.models.verifier
+        verifier_src = resolve(verifier_cfg.source, verifier_cfg.revision)
+        self.tokenizer = load_tokenizer(verifier_src)
+        self.verifier_model = load_model(verifier_src, verifier_cfg.dtype,
+                                         attn_implementation=verifier_cfg.attn_implementation)
+        budget = config.limits.max_cache_bytes
+        self.full = TierRunner(DecoderStack(self.verifier_model), budget, name="full")
+        self.slim = TierRunner(DecoderStack(self.verifier_model, config.slim.layers), budget, name="slim")
+        self.drafter = self._load_drafter(budget)
+        self.eos_token_ids = eos_token_ids(self.verifier_model, self.tokenizer)
+        contexts = [self.full.max_context] + ([self.drafter.max_context] if hasattr(self.drafter, "max_context")
+                                              else [])
+        self.max_context = min(contexts)
+        self.policy = config.router.policy()
+
+    def _load_drafter(self, budget):
+        cfg = self.config.models.drafter
+        if cfg.source == PROMPT_LOOKUP:
+            return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram)
+        model = load_model(resolve(cfg.source, cfg.revision), cfg.dtype, attn_implementation=cfg.attn_implementation)
+        if model.get_output_embeddings().weight.shape[0] != self.verifier_model.get_output_embeddings().weight.shape[0]:
+            raise ConfigError(
+                f"models.drafter.source: expected a model with the verifier's vocabulary "
+                f"({self.verifier_model.config.vocab_size} tokens), received {cfg.source!r} with "
+                f"{model.config.vocab_size}"
+            )
+        self.drafter_model = model
+        return TierRunner(DecoderStack(model), budget, name="drafter")
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of a plain prompt, or of chat messages through the tokenizer's chat template."""
+        if chat or isinstance(prompt, list):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequest("messages: this model's tokenizer has no chat template; send a plain prompt")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- generation ----------------------------------------------------------------------
+
+    def new_generation(self, prompt_ids: list[int], params: SamplingParams,
+                       policy: RouterPolicy | None = None) -> Generation:
+        if params.max_tokens > self.config.limits.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens: expected at most {self.config.limits.max_tokens}, received {params.max_tokens}")
+        return Generation(list(prompt_ids), params, policy or self.policy, self.eos_token_ids,
+                          self.max_context, self.decode)
+
+    def stream(self, generation: Generation, times: TierTimes | None = None) -> Iterator[StreamEvent]:
+        """Run ``generation``, yielding each block's commit with its new text; ``times`` collects tier times."""
+        detok = IncrementalText(self.decode, generation.params.stop)
+        times = times if times is not None else TierTimes()
+        try:
+            for commit in drive(generation.steps(), lambda call: self._dispatch(call, times)):
+                done = commit.finish_reason is not None
+                text = detok.push(generation.output_ids, final=done, end=generation.stop_text_end if done else None)
+                yield StreamEvent(commit.tokens, text, commit.tier, commit.finish_reason)
+        finally:
+            self.release(generation.generation_id)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 policy: RouterPolicy | None = None) -> GenerationResult:
+        generation = self.new_generation(prompt_ids, params, policy)
+        times = TierTimes()
+        start = time.perf_counter()
+        pieces = [event.text for event in self.stream(generation, times)]
+        return GenerationResult(
+            token_ids=list(generation.output_ids),
+            text="".join(pieces),
+            finish_reason=generation.finish_reason,
+            prompt_tokens=len(prompt_ids),
+            stats=generation.stats,
+            times=times,
+            elapsed=time.perf_counter() - start,
+        )
+
+    def release(self, generation_id: str) -> None:
+        for tier in (self.drafter, self.slim, self.full):
+            tier.release(generation_id)
+
+    def _dispatch(self, call: DraftCall | VerifyCall, times: TierTimes):
+        start = time.perf_counter()
+        if isinstance(call, DraftCall):
+            reply, name = self.drafter.draft(call), "drafter"
+        else:
+            name = call.tier.value
+            reply = (self.slim if call.tier is Tier.SLIM else self.full).verify(call)
+        times.add(name, time.perf_counter() - start)
+        return reply
+
+
+__all__ = ["Commit", "GenerationResult", "LocalEngine", "StreamEvent"]
