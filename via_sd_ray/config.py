@@ -31,19 +31,27 @@ class ModelConfig(_Strict):
     dtype: DTypeName = Field("bfloat16", description="Weight and activation dtype (bf16 is fastest on CPU here).")
     revision: str | None = Field(None, description="Hub revision, for Hugging Face ids.")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
+    quantization: Literal["none", "int8-weight-only"] = Field(
+        "none", description="Weight-only int8 (per channel) for every linear layer: ~2.7x faster decoding on CPU.")
 
 
 class DrafterConfig(ModelConfig):
     source: str = Field("qwen2.5-coder-0.5b-instruct", description=f"As for models, or `{PROMPT_LOOKUP}` for a "
                         "model-free n-gram drafter.")
+    quantization: Literal["none", "int8-weight-only"] = Field(
+        "int8-weight-only", description="As for models; the drafter's default, since its errors cost only speed.")
     max_ngram: int = Field(3, ge=1, le=16, description="prompt-lookup: longest n-gram matched.")
     min_ngram: int = Field(1, ge=1, le=16, description="prompt-lookup: shortest n-gram matched.")
 
 
+class VerifierConfig(ModelConfig):
+    source: str = Field("qwen2.5-coder-1.5b-instruct", description="As for models.")
+
+
 class ModelsConfig(_Strict):
     drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter tier.")
-    verifier: ModelConfig = Field(default_factory=lambda: ModelConfig(source="qwen2.5-coder-1.5b-instruct"),
-                                  description="The full verifier; the slim verifier is a subset of its layers.")
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig,
+                                     description="The full verifier; the slim verifier is a subset of its layers.")
 
 
 class SlimConfig(_Strict):
@@ -108,6 +116,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         received = e.get("input")
         if e["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown field (received {received!r})")
+        elif e["type"] == "missing":
+            lines.append(f"{field}: expected a value, received none")
         elif e["type"] == "value_error":
             lines.append(f"{field or 'config'}: {expected}")
         else:

@@ -118,7 +118,7 @@ class Generation:
                 draft = yield DraftCall(self.generation_id, self.committed, k, params, self._seed("draft", block_index),
                                         policy.draft_stop_threshold)
             confidence = block_confidence(draft.token_probs, policy.score)
-            tier = policy.route(confidence) if draft.tokens else Tier.FULL
+            tier = self._route(draft, confidence)
             record = BlockRecord(tier=tier, proposed=len(draft.tokens), confidence=confidence)
             if tier is Tier.DIRECT:
                 new = list(draft.tokens)
@@ -127,13 +127,23 @@ class Generation:
             else:
                 verdict = yield self._verify_call(Tier.FULL, self.committed, draft.tokens, draft.probs, block_index)
                 new = verdict.tokens(draft.tokens)
-            record.accepted = _common_prefix(draft.tokens, new)
             committed = self._commit(new)
+            record.accepted = _common_prefix(draft.tokens, committed)  # draft tokens committed at their position
             record.committed = len(committed)
             self.stats.record(record)
             yield Commit(committed, tier, self.finish_reason)
             block_index += 1
         return self.stats
+
+    def _route(self, draft: Draft, confidence: float) -> Tier:
+        if not draft.tokens:
+            return Tier.FULL
+        if self.policy.lossless and not self.params.greedy and self.policy.mode is Mode.VIA_SD:
+            # Rejection sampling is exact for proposals drawn from the drafter's distribution. Choosing the
+            # verification path by the sampled block's own confidence conditions the proposals on that choice
+            # and biases the output, so every sampled block takes one path: drafter -> slim -> full.
+            return Tier.SLIM
+        return self.policy.route(confidence)
 
     def _slim(self, draft: Draft, block_index: int, record: BlockRecord):
         verdict = yield self._verify_call(Tier.SLIM, self.committed, draft.tokens, draft.probs, block_index,

@@ -66,7 +66,11 @@ class RouterPolicy:
     draft_stop_threshold: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "mode", Mode(self.mode))
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError:
+            raise ConfigError(
+                f"router.mode: expected one of {tuple(m.value for m in Mode)}, received {self.mode!r}") from None
         if not 1 <= self.block_size <= 64:
             raise ConfigError(f"router.block_size: expected an int in [1, 64], received {self.block_size!r}")
         for name in ("direct_threshold", "slim_threshold", "escalate_threshold", "draft_stop_threshold"):

@@ -52,7 +52,7 @@ class DecoderStack(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.lm_head.weight.shape[0]
+        return self.lm_head.out_features
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.layer_ids, self.config.num_key_value_heads, self.head_dim, self.dtype, self.device,

@@ -17,6 +17,7 @@ import torch
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import registry, tiny
 from via_sd_ray.models.decoder import check_layers, keep_layers
+from via_sd_ray.models.quant import quantize_int8_weight_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -95,10 +96,18 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def load_model(resolved: ResolvedSource, dtype: str = "bfloat16", layers: list[int] | None = None,
-               attn_implementation: str = "sdpa"):
+               attn_implementation: str = "sdpa", quantization: str = "none"):
     """A Hugging Face causal LM in eval mode. With ``layers``, only those decoder layers are read
     and the model holds them re-indexed from 0 (a slim-verifier-only process)."""
-    torch_dtype = DTYPES[dtype]
+    model = _load(resolved, DTYPES[dtype], layers, attn_implementation)
+    if quantization == "int8-weight-only":
+        quantize_int8_weight_only(model)
+    elif quantization != "none":
+        raise ConfigError(f"quantization: expected 'none' or 'int8-weight-only', received {quantization!r}")
+    return model
+
+
+def _load(resolved: ResolvedSource, torch_dtype: torch.dtype, layers: list[int] | None, attn_implementation: str):
     if resolved.kind == "tiny":
         model = tiny.tiny_model(resolved.location, dtype=torch_dtype)
         return keep_layers(model, layers) if layers is not None else model

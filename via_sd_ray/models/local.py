@@ -82,7 +82,8 @@ class LocalEngine:
         verifier_src = resolve(verifier_cfg.source, verifier_cfg.revision)
         self.tokenizer = load_tokenizer(verifier_src)
         self.verifier_model = load_model(verifier_src, verifier_cfg.dtype,
-                                         attn_implementation=verifier_cfg.attn_implementation)
+                                         attn_implementation=verifier_cfg.attn_implementation,
+                                         quantization=verifier_cfg.quantization)
         budget = config.limits.max_cache_bytes
         self.full = TierRunner(DecoderStack(self.verifier_model), budget, name="full")
         self.slim = TierRunner(DecoderStack(self.verifier_model, config.slim.layers), budget, name="slim")
@@ -97,12 +98,14 @@ class LocalEngine:
         cfg = self.config.models.drafter
         if cfg.source == PROMPT_LOOKUP:
             return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram)
-        model = load_model(resolve(cfg.source, cfg.revision), cfg.dtype, attn_implementation=cfg.attn_implementation)
-        if model.get_output_embeddings().weight.shape[0] != self.verifier_model.get_output_embeddings().weight.shape[0]:
+        model = load_model(resolve(cfg.source, cfg.revision), cfg.dtype, attn_implementation=cfg.attn_implementation,
+                           quantization=cfg.quantization)
+        drafter_vocab = model.get_output_embeddings().out_features
+        verifier_vocab = self.verifier_model.get_output_embeddings().out_features
+        if drafter_vocab != verifier_vocab:
             raise ConfigError(
-                f"models.drafter.source: expected a model with the verifier's vocabulary "
-                f"({self.verifier_model.config.vocab_size} tokens), received {cfg.source!r} with "
-                f"{model.config.vocab_size}"
+                f"models.drafter.source: expected a model with the verifier's vocabulary ({verifier_vocab} "
+                f"tokens), received {cfg.source!r} with {drafter_vocab}"
             )
         self.drafter_model = model
         return TierRunner(DecoderStack(model), budget, name="drafter")

@@ -1,0 +1,44 @@
+"""Shared fixtures. Heavy imports (transformers, the model floor) stay inside the fixtures,
+so the tests under tests/core never load them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# The tensors here are tiny: one thread is ~10x faster than an OpenMP team on a shared 2-core
+# machine, where spinning threads fight the other processes for the cores.
+torch.set_num_threads(1)
+
+TINY_ARGS = {
+    "models": {
+        # unquantized: the tests pin how often the drafter agrees (and int8 kernels take no float64)
+        "drafter": {"source": "tiny-random:drafter", "dtype": "float64", "quantization": "none"},
+        "verifier": {"source": "tiny-random:verifier", "dtype": "float64"},
+    },
+    "slim": {"layers": [0, 1, 3]},
+}
+
+
+def tiny_config(**overrides):
+    from via_sd_ray.config import parse_config
+
+    return parse_config({**TINY_ARGS, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """A LocalEngine over the tiny random drafter and verifier in float64 (exact greedy comparisons)."""
+    from via_sd_ray.models.local import LocalEngine
+
+    return LocalEngine(tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny verifier saved as a Hugging Face checkpoint directory (safetensors)."""
+    from via_sd_ray.models import tiny
+
+    directory = tmp_path_factory.mktemp("tiny-verifier")
+    tiny.save_tiny(directory)
+    return directory

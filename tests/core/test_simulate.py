@@ -1,0 +1,55 @@
+"""The offline replay of the router used by calibration."""
+
+from via_sd_ray.core.policy import Mode, RouterPolicy
+from via_sd_ray.core.simulate import Costs, Trace, simulate
+
+COSTS = Costs(draft_token=0.2, full_call=1.0, slim_call=0.5)
+
+
+def trace(target, draft, prob, slim=None, slim_prob=None):
+    return Trace(list(target), list(draft), list(prob), slim and list(slim), slim_prob and list(slim_prob))
+
+
+def test_ar_commits_one_token_per_full_call():
+    tr = trace([1, 2, 3, 4], [1, 2, 3, 4], [1.0] * 4)
+    res = simulate([tr], RouterPolicy(mode=Mode.AR), COSTS)
+    assert (res.committed, res.errors, res.blocks) == (4, 0, 4)
+    assert res.cost == 4.0 and res.speedup == 1.0
+
+
+def test_sd_block_accepts_matching_prefix_and_recovers():
+    # drafter wrong at position 2: block [1, 2, 9] -> commits 1, 2 and the recovered 3
+    tr = trace([1, 2, 3, 4, 5, 6], [1, 2, 9, 4, 5, 6], [0.5] * 6)
+    res = simulate([tr], RouterPolicy(mode=Mode.SD, block_size=3), COSTS)
+    assert res.errors == 0 and res.committed == 6
+    assert res.tier_blocks["full"] == res.blocks == 2
+    assert abs(res.cost - (3 * 0.2 + 1.0 + 2 * 0.2 + 1.0)) < 1e-9  # second block is cut at the end
+
+
+def test_direct_blocks_cost_no_verifier_and_count_errors():
+    tr = trace([1, 2, 3, 4, 5], [1, 2, 7, 4, 5], [0.99] * 5)
+    policy = RouterPolicy(mode=Mode.VIA_SD, block_size=4, direct_threshold=0.9, slim_threshold=0.5)
+    res = simulate([tr], policy, COSTS)
+    assert res.tier_blocks["direct"] == 1 and res.errors == 1
+    assert res.fidelity < 1.0
+
+
+def test_slim_escalates_unsure_positions_to_full():
+    target = [1, 2, 3, 4, 5, 6]
+    draft = [1, 2, 3, 4, 5, 6]
+    slim = [1, 2, 8, 4, 5, 6]  # the slim verifier would reject the correct 3 ...
+    slim_prob = [0.99, 0.99, 0.4, 0.99, 0.99, 0.99]  # ... but is unsure there: escalate from position 2
+    policy = RouterPolicy(mode=Mode.VIA_SD, block_size=4, direct_threshold=0.99, slim_threshold=0.5,
+                          escalate_threshold=0.8)
+    res = simulate([trace(target, draft, [0.7] * 6, slim, slim_prob)], policy, COSTS)
+    assert res.escalations >= 1 and res.errors == 0
+
+
+def test_lossless_via_sd_never_errs():
+    target = [5, 6, 7, 8, 9, 10, 11, 12]
+    draft = [5, 0, 7, 8, 0, 10, 11, 0]
+    slim = [5, 6, 0, 8, 9, 0, 11, 12]
+    tr = trace(target, draft, [0.8, 0.3, 0.9, 0.99, 0.6, 0.7, 0.99, 0.2], slim, [0.9] * 8)
+    policy = RouterPolicy(mode=Mode.VIA_SD, block_size=3, direct_threshold=0.95, slim_threshold=0.5, lossless=True)
+    res = simulate([tr], policy, COSTS)
+    assert res.errors == 0 and res.committed == len(target)

@@ -1,0 +1,28 @@
+"""Weight-only int8 linear layers."""
+
+import torch
+from torch import nn
+
+from via_sd_ray.models.quant import Int8WeightOnlyLinear, quantize_int8_weight_only
+
+
+def test_int8_linear_is_close_to_float():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=True)
+    q = Int8WeightOnlyLinear(lin)
+    x = torch.randn(5, 64)
+    ref = lin(x)
+    out = q(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    assert q.weight_int8.dtype == torch.int8 and q.scale.shape == (32,)
+
+
+def test_bf16_path_and_model_replacement():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    ref = model(x).float()
+    quantize_int8_weight_only(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert torch.allclose(model(x).float(), ref, atol=0.1)

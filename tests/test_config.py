@@ -1,0 +1,60 @@
+"""Config files: the Serve YAML's application args, profiles, and errors naming field / expected / received."""
+
+import pytest
+import yaml
+
+from via_sd_ray.config import load_config, parse_config
+from via_sd_ray.errors import ConfigError
+
+
+def write(tmp_path, data, name="app.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_reads_args_of_serve_config(tmp_path):
+    path = write(tmp_path, {"applications": [{"name": "x", "import_path": "m:f", "args": {
+        "models": {"verifier": {"source": "tiny-random:verifier"}}, "router": {"block_size": 6}}}]})
+    cfg = load_config(path)
+    assert cfg.router.block_size == 6 and cfg.models.verifier.source == "tiny-random:verifier"
+
+
+def test_shipped_configs_parse():
+    for name in ("deployments/via_sd.yaml", "deployments/via_sd.tiny.yaml"):
+        cfg = load_config(name)
+        assert cfg.slim.layers, name
+
+
+def test_profile_fills_unset_values_and_config_wins(tmp_path):
+    write(tmp_path, {"slim": {"layers": [0, 2]}, "router": {"direct_threshold": 0.8, "block_size": 5}}, "prof.yaml")
+    path = write(tmp_path, {"profile": "prof.yaml", "router": {"block_size": 3}})
+    cfg = load_config(path)
+    assert cfg.slim.layers == [0, 2]
+    assert cfg.router.direct_threshold == 0.8 and cfg.router.block_size == 3
+
+
+@pytest.mark.parametrize("args, field, received", [
+    ({"router": {"direct_threshold": 1.5}}, "router.direct_threshold", "1.5"),
+    ({"router": {"block_size": 0}}, "router.block_size", "0"),
+    ({"router": {"mode": "fast"}}, "router.mode", "'fast'"),
+    ({"models": {"verifier": {"dtype": "int3"}}}, "models.verifier.dtype", "'int3'"),
+    ({"routr": {}}, "routr", "{}"),
+])
+def test_errors_name_field_expected_received(args, field, received):
+    with pytest.raises(ConfigError) as err:
+        parse_config(args)
+    msg = str(err.value)
+    assert msg.startswith(field) and received in msg and ("expected" in msg or "unknown field" in msg)
+
+
+def test_threshold_order_is_checked():
+    with pytest.raises(ConfigError, match="slim_threshold <= direct_threshold"):
+        parse_config({"router": {"direct_threshold": 0.5, "slim_threshold": 0.7}})
+
+
+def test_missing_file_and_profile(tmp_path):
+    with pytest.raises(ConfigError, match="expected an existing YAML file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="profile: expected an existing profile file"):
+        load_config(write(tmp_path, {"profile": "missing.yaml"}))

@@ -1,0 +1,272 @@
+"""``via-sd bench``: every mode on the same ShareGPT code prompts, side by side in one run.
+
+Modes: ``ar`` (full verifier alone), ``sd`` (drafter + full verifier), ``via-sd``,
+``via-sd-lossless``, and the transformers peers ``hf`` (``generate``) and ``hf-assisted``
+(``generate(assistant_model=drafter)``). Modes are interleaved prompt by prompt, so
+drift in machine speed hits all of them alike. All runs are greedy.
+
+The JSON record (``schema: via-sd-bench/1``) has, per mode (``modes.<mode>``):
+
+- ``tokens_per_s``: completion tokens / wall time, over all prompts;
+- ``speedup_vs_ar``: ``tokens_per_s`` / that of ``ar``;
+- ``completion_tokens``, ``elapsed_s``;
+- ``mean_accepted``: draft tokens accepted per drafted block; ``acceptance_rate``:
+  accepted / proposed draft tokens; ``tokens_per_block``: committed tokens per block;
+- ``tier_fractions``: share of blocks decided by ``direct`` / ``slim`` / ``full``;
+  ``escalations``: blocks the slim verifier handed to the full verifier;
+- ``fidelity``: teacher-forced share of completion tokens equal to the full model's
+  argmax given the same prefix (one batched pass of the full verifier per completion);
+- ``analytic_speedup``: for ``sd``, Leviathan et al.: E[tokens/block] = (1 - a^(K+1)) / (1 - a)
+  divided by the block cost K * c + v, with a the acceptance rate, K the mean block size,
+  c the drafter's time per draft token and v the full verifier's time per call, both over
+  ``ar``'s time per token; for ``via-sd`` the same cost model summed over the tier calls
+  the run made (drafter tokens * c + slim calls * s + full calls * v);
+  ``measured_over_analytic``: ``speedup_vs_ar`` / ``analytic_speedup`` (what the loop,
+  Python and cache bookkeeping cost);
+- ``unit_costs``: c, s and v above; ``time_split``: share of wall time per tier and other.
+
+``targets`` holds the ratios the engine issue asks for, with their goals.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from via_sd_ray.config import PROMPT_LOOKUP, load_config
+from via_sd_ray.core.policy import Mode
+from via_sd_ray.core.sampling import SamplingParams
+from via_sd_ray.core.stats import GenerationStats
+from via_sd_ray.data import load_prompts
+from via_sd_ray.errors import ConfigError
+from via_sd_ray.models.local import LocalEngine
+
+MODES = ("ar", "sd", "via-sd", "via-sd-lossless", "hf", "hf-assisted")
+SCHEMA = "via-sd-bench/1"
+
+
+@dataclass
+class ModeRun:
+    """Everything measured for one mode over all prompts."""
+
+    outputs: list[list[int]] = field(default_factory=list)
+    elapsed: float = 0.0
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    tier_seconds: dict[str, float] = field(default_factory=lambda: {"drafter": 0.0, "slim": 0.0, "full": 0.0})
+    tier_calls: dict[str, int] = field(default_factory=lambda: {"drafter": 0, "slim": 0, "full": 0})
+    fidelity_hits: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed else 0.0
+
+
+def policy_for(engine: LocalEngine, mode: str):
+    if mode == "via-sd-lossless":
+        return engine.config.router.policy(mode=Mode.VIA_SD, lossless=True)
+    return engine.config.router.policy(mode=Mode(mode), lossless=False if mode == "via-sd" else None)
+
+
+def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: int, run: ModeRun) -> None:
+    if mode in ("hf", "hf-assisted"):
+        kwargs = {}
+        if mode == "hf-assisted":
+            if engine.config.models.drafter.source == PROMPT_LOOKUP:
+                kwargs["prompt_lookup_num_tokens"] = engine.config.router.block_size
+            else:
+                kwargs["assistant_model"] = engine.drafter_model
+        inputs = torch.tensor([prompt_ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = engine.verifier_model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                                                 max_new_tokens=max_tokens, pad_token_id=engine.eos_token_ids[0],
+                                                 eos_token_id=list(engine.eos_token_ids), **kwargs)
+        run.elapsed += time.perf_counter() - start
+        run.outputs.append(out[0, len(prompt_ids):].tolist())
+        return
+    result = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens), policy_for(engine, mode))
+    run.elapsed += result.elapsed
+    run.outputs.append(result.token_ids)
+    run.stats.merge(result.stats)
+    for tier in run.tier_seconds:
+        run.tier_seconds[tier] += result.times.seconds[tier]
+        run.tier_calls[tier] += result.times.calls[tier]
+
+
+def teacher_forced_hits(engine: LocalEngine, prompt_ids: list[int], output: list[int]) -> int:
+    """How many ``output`` tokens equal the full verifier's argmax given the same prefix."""
+    if not output:
+        return 0
+    seq = prompt_ids + output
+    cache = engine.full.stack.new_cache(capacity=len(seq))
+    logits = engine.full.stack(seq[:-1], cache, len(output))  # [N, V]: predictions of output[0..N)
+    return int((logits.argmax(-1) == torch.tensor(output)).sum())
+
+
+def summarize(runs: dict[str, ModeRun], block_size: int) -> dict:
+    ar = runs.get("ar")
+    t_ar = ar.tier_seconds["full"] / ar.tier_calls["full"] if ar and ar.tier_calls["full"] else None
+    out = {}
+    for mode, run in runs.items():
+        s = run.stats
+        entry = {
+            "tokens_per_s": run.tokens_per_s,
+            "speedup_vs_ar": run.tokens_per_s / ar.tokens_per_s if ar and ar.tokens_per_s else None,
+            "completion_tokens": run.tokens,
+            "elapsed_s": run.elapsed,
+            "fidelity": run.fidelity_hits / run.tokens if run.tokens else None,
+        }
+        if mode not in ("hf", "hf-assisted"):
+            entry.update({
+                "mean_accepted": s.mean_accepted,
+                "acceptance_rate": s.acceptance_rate,
+                "tokens_per_block": s.tokens_per_block,
+                "tier_fractions": s.tier_fractions(),
+                "tier_blocks": dict(s.tier_blocks),
+                "escalations": s.escalations,
+                "acceptance_per_position": s.to_dict()["acceptance_per_position"],
+                "tier_seconds": dict(run.tier_seconds),
+                "tier_calls": dict(run.tier_calls),
+                "time_split": _time_split(run),
+            })
+            entry.update(_analytic(mode, run, t_ar, entry["speedup_vs_ar"]))
+        out[mode] = entry
+    return out
+
+
+def _time_split(run: ModeRun) -> dict[str, float]:
+    split = {tier: sec / run.elapsed for tier, sec in run.tier_seconds.items()} if run.elapsed else {}
+    split["other"] = 1.0 - sum(split.values()) if split else 0.0
+    return split
+
+
+def _analytic(mode: str, run: ModeRun, t_ar: float | None, measured: float | None) -> dict:
+    s, sec, calls = run.stats, run.tier_seconds, run.tier_calls
+    if mode == "ar" or t_ar is None or not s.proposed:
+        return {"analytic_speedup": None, "measured_over_analytic": None, "unit_costs": None}
+    c = sec["drafter"] / s.proposed / t_ar  # per draft token
+    v = sec["full"] / calls["full"] / t_ar if calls["full"] else None
+    slim = sec["slim"] / calls["slim"] / t_ar if calls["slim"] else None
+    if mode == "sd":
+        a = min(s.acceptance_rate, 0.999999)
+        k = s.proposed / max(1, sum(1 for r in s.records if r.proposed))
+        expected = (1 - a ** (k + 1)) / (1 - a)
+        analytic = expected / (k * c + v)
+    else:
+        cost = s.proposed * c + calls["slim"] * (slim or 0.0) + calls["full"] * (v or 0.0)
+        analytic = s.committed / cost if cost else None
+    return {
+        "analytic_speedup": analytic,
+        "measured_over_analytic": measured / analytic if analytic and measured else None,
+        "unit_costs": {"drafter_token": c, "slim_call": slim, "full_call": v},
+    }
+
+
+def targets(summary: dict) -> dict:
+    def ratio(a, b, key="tokens_per_s"):
+        if a in summary and b in summary and summary[b][key]:
+            return summary[a][key] / summary[b][key]
+        return None
+
+    via, sd = summary.get("via-sd"), summary.get("sd")
+    return {
+        "ar_over_hf": {"value": ratio("ar", "hf"), "goal": ">= 1.0"},
+        "sd_over_analytic": {"value": sd and sd.get("measured_over_analytic"), "goal": ">= 0.9"},
+        "sd_over_hf_assisted": {"value": ratio("sd", "hf-assisted"), "goal": ">= 1.2"},
+        "via_sd_over_sd": {"value": ratio("via-sd", "sd"), "goal": ">= 1.2"},
+        "via_sd_fidelity": {"value": via and via["fidelity"], "goal": ">= 0.97"},
+    }
+
+
+def print_table(summary: dict, file=sys.stdout) -> None:
+    head = (f"{'mode':16s} {'tok/s':>7s} {'xAR':>5s} {'acc/blk':>7s} {'acc%':>5s} {'tok/blk':>7s} "
+            f"{'direct':>6s} {'slim':>5s} {'full':>5s} {'escal':>5s} {'fidelity':>8s} {'analytic':>8s} {'meas/an':>7s}")
+    print(head, file=file)
+    for mode, e in summary.items():
+        tf = e.get("tier_fractions") or {}
+        print(f"{mode:16s} {e['tokens_per_s']:7.2f} {_f(e['speedup_vs_ar'], 5)} {_f(e.get('mean_accepted'), 7)} "
+              f"{_f(e.get('acceptance_rate'), 5)} {_f(e.get('tokens_per_block'), 7)} {_f(tf.get('direct'), 6)} "
+              f"{_f(tf.get('slim'), 5)} {_f(tf.get('full'), 5)} {str(e.get('escalations', '-')):>5s} "
+              f"{_f(e['fidelity'], 8, 3)} {_f(e.get('analytic_speedup'), 8)} {_f(e.get('measured_over_analytic'), 7)}",
+              file=file)
+
+
+def _f(value, width, digits=2) -> str:
+    return f"{value:{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}s}"
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(summary)
+    fig, ax = plt.subplots(figsize=(1.6 * len(modes) + 2, 4))
+    bars = ax.bar(modes, [summary[m]["tokens_per_s"] for m in modes], color="#4c72b0")
+    for bar, m in zip(bars, modes):
+        fid = summary[m]["fidelity"]
+        ax.annotate(f"fid {fid:.3f}" if fid is not None else "", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title("via-sd bench (greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_bench(args) -> dict:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ConfigError(f"--modes: expected a comma list of {MODES}, received {args.modes!r}")
+    config = load_config(args.config, args.app)
+    engine = LocalEngine(config)
+    if "hf-assisted" in modes and not hasattr(engine, "drafter_model") and config.models.drafter.source != PROMPT_LOOKUP:
+        raise ConfigError("--modes hf-assisted: expected a drafter model")
+    prompts = load_prompts(args.num_prompts, args.split, args.prompts)
+    prompt_ids = [engine.encode(p, chat=True) for p in prompts]
+    print(f"{len(prompts)} prompts ({args.split} split), {args.max_tokens} tokens, modes {modes}", file=sys.stderr)
+    for mode in modes:  # warm-up: first calls allocate and fill caches
+        run_mode(engine, mode, prompt_ids[0][:32], 4, ModeRun())
+    runs = {mode: ModeRun() for mode in modes}
+    for i, ids in enumerate(prompt_ids):
+        line = []
+        for mode in modes:
+            before = runs[mode].elapsed
+            run_mode(engine, mode, ids, args.max_tokens, runs[mode])
+            line.append(f"{mode} {len(runs[mode].outputs[-1]) / (runs[mode].elapsed - before):.2f}")
+        print(f"[{i + 1}/{len(prompt_ids)}] tok/s: " + ", ".join(line), file=sys.stderr, flush=True)
+    for mode, run in runs.items():
+        run.fidelity_hits = sum(teacher_forced_hits(engine, ids, out) for ids, out in zip(prompt_ids, run.outputs))
+    summary = summarize(runs, config.router.block_size)
+    record = {
+        "schema": SCHEMA,
+        "command": " ".join(["via-sd", *sys.argv[1:]]),
+        "config": config.model_dump(mode="json"),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "split": args.split,
+        "modes": summary,
+        "targets": targets(summary),
+    }
+    print_table(summary)
+    for name, t in record["targets"].items():
+        print(f"target {name}: {_f(t['value'], 6, 3).strip()} (goal {t['goal']})")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(record, indent=2))
+    if args.plot:
+        plot(summary, args.plot)
+    return record

