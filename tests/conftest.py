@@ -27,11 +27,17 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="session")
-def tiny_engine():
-    """A LocalEngine over the tiny random drafter and verifier in float64 (exact greedy comparisons)."""
+def build_tiny_engine():
+    """Builds a LocalEngine over the tiny models; keyword arguments replace whole config sections."""
     from via_sd_ray.models.local import LocalEngine
 
-    return LocalEngine(tiny_config())
+    return lambda **sections: LocalEngine(tiny_config(**sections))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(build_tiny_engine):
+    """A LocalEngine over the tiny random drafter and verifier in float64 (exact greedy comparisons)."""
+    return build_tiny_engine()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from via_sd_ray.errors import InvalidRequest
 
 ToyLM = Callable[[list[int]], torch.Tensor]  # prefix -> next-token logits [V]
 
-V = 16
+V = 256  # toy vocabulary: bytes, so byte-level decoding works too
 EOS = 15
 PROMPT = [1, 2, 3]
 
@@ -173,6 +173,17 @@ def test_stop_string_inside_one_token():
     generation, _ = run(toy, greedy(stop=("cd", "zz")), SD, decode=decode)
     assert generation.output_ids == [0, 12]
     assert generation.stop_text_end == 2  # "axcdy"[:2]
+
+
+def test_stop_string_of_multi_byte_characters_split_into_byte_tokens():
+    text = "ok 😀😀😀 then more"
+    data = list(text.encode())  # byte-level tokens: four per emoji
+    script = scripted(data)
+    toy = tiers(script, script, script)
+    params = greedy(max_tokens=len(data), stop=("😀😀😀",))
+    generation, _ = run(toy, params, SD, decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    assert generation.output_ids == data[: len("ok 😀😀😀".encode())]
+    assert generation.stop_text_end == 3
 
 
 def test_stop_strings_need_a_decode():

@@ -106,3 +106,20 @@ def test_a_seed_reproduces_a_sampled_generation(tiny_engine, references, policy)
     first = sample(7)
     assert sample(7) == first
     assert sample(8) != first
+
+
+@pytest.fixture(scope="module")
+def lookup_engine(build_tiny_engine):
+    verifier = {"source": "tiny-random:verifier", "dtype": "float64"}
+    return build_tiny_engine(models={"drafter": {"source": "prompt-lookup"}, "verifier": verifier})
+
+
+def test_prompt_lookup_drafts_keep_greedy_output_exact(lookup_engine):
+    ids = lookup_engine.encode("the cat sat on the mat. the cat sat on the mat. the cat")
+    ar = lookup_engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS), RouterPolicy(mode="ar"))
+    proposed = 0
+    for name, policy in policies(4).items():
+        result = lookup_engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS), policy)
+        assert result.token_ids == ar.token_ids, name
+        proposed += result.stats.proposed
+    assert proposed > 0

@@ -26,3 +26,9 @@ def test_bf16_path_and_model_replacement():
     quantize_int8_weight_only(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert torch.allclose(model(x).float(), ref, atol=0.1)
+
+
+def test_float64_falls_back_to_dequantized_matmul():
+    lin = nn.Linear(8, 4).double()
+    x = torch.randn(2, 8, dtype=torch.float64)
+    assert torch.allclose(Int8WeightOnlyLinear(lin)(x), lin(x), atol=0.05)

@@ -184,7 +184,7 @@ class Generation:
         """True when the text now contains a stop string; sets where the text ends."""
         if not self.params.stop:
             return False
-        window = max(map(len, self.params.stop)) + 8  # tokens: every token decodes to >= 0 characters
+        window = max(len(s.encode()) for s in self.params.stop) + 8  # tokens: each carries >= 1 byte of text
         tail = self.decode(self.output_ids[-window:])
         if not any(s in tail for s in self.params.stop):
             return False

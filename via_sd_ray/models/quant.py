@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 
+_PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the CPU int8 kernel takes
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """``nn.Linear`` with int8 weights [out, in] and one scale per output channel."""
 
@@ -33,7 +36,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [N, in]
-        if flat.device.type == "cpu" and flat.dtype == self.scale.dtype:
+        if flat.device.type == "cpu" and flat.dtype == self.scale.dtype and flat.dtype in _PACKED_DTYPES:
             out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)  # [N, out]
         else:
             out = nn.functional.linear(flat, self.weight.to(flat.dtype))
