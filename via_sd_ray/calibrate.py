@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,14 +53,22 @@ class Choice:
     result: SimResult
 
 
-def best_policy(traces, costs, target, candidates) -> Choice | None:
-    """The candidate policy with the highest predicted speedup at fidelity >= ``target``."""
+def best_policy(traces, costs, target, candidates, min_slim_share: float = 0.0) -> Choice | None:
+    """The candidate policy with the highest predicted speedup at fidelity >= ``target`` (and, when
+    ``min_slim_share`` is set, sending at least that share of blocks to the slim tier)."""
     best = None
     for policy in candidates:
         result = simulate(traces, policy, costs)
-        if result.fidelity >= target and (best is None or result.speedup > best.result.speedup):
+        if result.fidelity < target or result.tier_blocks["slim"] < min_slim_share * result.blocks:
+            continue
+        if best is None or result.speedup > best.result.speedup:
             best = Choice(policy, result)
     return best
+
+
+def sd_candidates():
+    for k, stop in itertools.product(BLOCK_SIZES, DRAFT_STOPS):
+        yield RouterPolicy(mode=Mode.SD, block_size=k, draft_stop_threshold=stop)
 
 
 def _policy(**kw) -> RouterPolicy | None:
@@ -75,8 +85,9 @@ def no_slim_candidates():
 
 
 def slim_candidates(base: RouterPolicy):
+    """Policies that send some blocks to the slim tier (slim_threshold < direct_threshold)."""
     for direct, slim, esc in itertools.product(DIRECT, SLIM, ESCALATE):
-        if slim <= direct and (p := _policy(block_size=base.block_size, score=base.score,
+        if slim < direct and (p := _policy(block_size=base.block_size, score=base.score,
                                             draft_stop_threshold=base.draft_stop_threshold,
                                             direct_threshold=direct, slim_threshold=slim, escalate_threshold=esc)):
             yield p
@@ -230,22 +241,42 @@ def teacher_forced(stack: DecoderStack, prompt: list[int], output: list[int]) ->
     return top.indices.tolist(), top.values.tolist()
 
 
-def run_calibration(args) -> dict:
-    config = load_config(args.config, args.app)
-    engine = LocalEngine(config)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def reference_completions(engine: LocalEngine, args) -> tuple[list[list[int]], list[list[int]]]:
+    """Calibration prompts (chat-encoded, at most 160 tokens) and the full verifier's greedy completions.
+    With ``--cache``, completions computed before for the same models, prompts and length are reused."""
     prompts = load_prompts(args.num_prompts * 4 if args.prompts is None else args.num_prompts, "calibration",
                            args.prompts)
     encoded = [ids for ids in (engine.encode(p, chat=True) for p in prompts) if len(ids) <= 160]
     if len(encoded) < args.num_prompts:
         raise ConfigError(f"--num-prompts: expected at most {len(encoded)}, received {args.num_prompts}")
     encoded = encoded[: args.num_prompts]
-    log(f"calibrating on {len(encoded)} prompts x {args.max_tokens} tokens (calibration split)")
+    key = {"verifier": engine.config.models.verifier.model_dump(mode="json"), "prompts": encoded,
+           "max_tokens": args.max_tokens}
+    cache = Path(args.cache) if args.cache else None
+    if cache and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            _log(f"reusing {len(saved['refs'])} reference completions from {cache}")
+            return encoded, saved["refs"]
+    _log(f"calibrating on {len(encoded)} prompts x {args.max_tokens} tokens (calibration split)")
     ar = engine.config.router.policy(mode=Mode.AR)
     refs = []
     for i, ids in enumerate(encoded):
         refs.append(engine.generate(ids, SamplingParams(max_tokens=args.max_tokens), ar).token_ids)
-        log(f"  reference {i + 1}/{len(encoded)}: {len(refs[-1])} tokens")
+        _log(f"  reference {i + 1}/{len(encoded)}: {len(refs[-1])} tokens")
+    if cache:
+        cache.write_text(json.dumps({"key": key, "refs": refs}))
+    return encoded, refs
+
+
+def run_calibration(args) -> dict:
+    config = load_config(args.config, args.app)
+    engine = LocalEngine(config)
+    encoded, refs = reference_completions(engine, args)
     traces = []
     for ids, out in zip(encoded, refs):
         target, _ = teacher_forced(engine.full.stack, ids, out)
@@ -259,68 +290,86 @@ def run_calibration(args) -> dict:
         slim = max(raw["slim_fixed_s"] + raw["slim_per_layer_s"] * layers, raw["full_call_s"] * layers / n_layers)
         return Costs(raw["draft_token_s"] / t, raw["full_call_s"] / t, slim / t)
 
-    log(f"costs (x AR step {t * 1000:.1f} ms): {costs_for(n_layers)} per-layer {raw['slim_per_layer_s'] / t:.4f}")
-    sd_policy = RouterPolicy(mode=Mode.SD, block_size=config.router.block_size)
-    sd = simulate(traces, sd_policy, costs_for(n_layers))
+    def with_slim(layers: list[int]) -> None:
+        slim = DecoderStack(engine.verifier_model, layers)
+        for tr, ids, out in zip(traces, encoded, refs):
+            tr.slim, tr.slim_prob = teacher_forced(slim, ids, out)
+
+    _log(f"costs (x AR step {t * 1000:.1f} ms): {costs_for(n_layers)}, slim per layer "
+         f"{raw['slim_per_layer_s'] / t:.4f}")
+    sd = best_policy(traces, costs_for(n_layers), 1.0, sd_candidates())
     base = best_policy(traces, costs_for(n_layers), args.target_fidelity, no_slim_candidates())
     if base is None:
         raise ConfigError(f"--target-fidelity: no policy reaches {args.target_fidelity} on these traces")
-    log(f"sd replay: x{sd.speedup:.2f}; best without slim: x{base.result.speedup:.2f} at fidelity "
-        f"{base.result.fidelity:.4f} ({_describe(base.policy)})")
+    _log(f"best sd replay: x{sd.result.speedup:.3f} ({_describe(sd.policy)})")
+    _log(f"best without slim tier: x{base.result.speedup:.3f} at fidelity {base.result.fidelity:.4f} "
+         f"({_describe(base.policy)})")
 
-    min_keep = args.min_layers or n_layers // 2
-    search = MaskSearch(n_layers, min_keep, n_layers - 1, args.seed)
-    trials, best = [], (base, None)
-    queue = search.initial()
+    # Bayesian optimisation over layer sets. The objective is the best speedup with the slim tier in
+    # use (>= 5% of blocks), so layer sets are told apart even when none beats leaving the tier out.
+    search = MaskSearch(n_layers, args.min_layers or n_layers // 2, n_layers - 1, args.seed)
+    queue, trials, best_slim = search.initial(), [], None  # best_slim: (Choice, layers)
     for trial in range(args.trials):
         mask = queue.pop(0) if queue else search.suggest()
         layers = [i for i in range(n_layers) if mask[i]]
-        slim = DecoderStack(engine.verifier_model, layers)
-        for tr, ids, out in zip(traces, encoded, refs):
-            tr.slim, tr.slim_prob = teacher_forced(slim, ids, out)
-        choice = best_policy(traces, costs_for(len(layers)), args.target_fidelity, slim_candidates(base.policy))
-        value = max(base.result.speedup, choice.result.speedup if choice else 0.0)
+        with_slim(layers)
+        choice = best_policy(traces, costs_for(len(layers)), args.target_fidelity, slim_candidates(base.policy),
+                             min_slim_share=0.05)
+        value = choice.result.speedup if choice else 0.0
         search.observe(mask, value)
         agree = _agreement(traces)
-        trials.append({"layers": layers, "speedup": value, "slim_agreement": agree[0],
-                       "confident_agreement": agree[1], "confident_share": agree[2]})
-        if choice and choice.result.speedup > best[0].result.speedup:
-            best = (choice, layers)
-        log(f"  trial {trial + 1}/{args.trials}: keep {len(layers)} skip {_skipped(layers, n_layers)} -> "
-            f"x{value:.3f} (slim agrees {agree[0]:.2f}; {agree[1]:.2f} where conf >= 0.8, {agree[2]:.2f} of tokens)")
-    choice, layers = best
-    if layers is not None:
-        slim = DecoderStack(engine.verifier_model, layers)
-        for tr, ids, out in zip(traces, encoded, refs):
-            tr.slim, tr.slim_prob = teacher_forced(slim, ids, out)
-        refined = best_policy(traces, costs_for(len(layers)), args.target_fidelity, joint_candidates(choice.policy))
-        if refined and refined.result.speedup > choice.result.speedup:
-            choice = refined
-    profile = _profile(args, choice, layers, base, sd, raw, trials, n_layers)
+        trials.append({"layers": layers, "speedup_with_slim": round(value, 4), "slim_agreement": round(agree[0], 4),
+                       "confident_agreement": round(agree[1], 4), "confident_share": round(agree[2], 4)})
+        if choice and (best_slim is None or value > best_slim[0].result.speedup):
+            best_slim = (choice, layers)
+        _log(f"  trial {trial + 1}/{args.trials}: keep {len(layers)} skip {_skipped(layers, n_layers)} -> "
+             f"x{value:.3f} (slim agrees {agree[0]:.2f}; {agree[1]:.2f} where conf >= 0.8, on {agree[2]:.2f} "
+             f"of tokens)")
+    choice, layers = base, None
+    if best_slim is not None:
+        slim_choice, slim_layers = best_slim
+        with_slim(slim_layers)
+        refined = best_policy(traces, costs_for(len(slim_layers)), args.target_fidelity,
+                              joint_candidates(slim_choice.policy), min_slim_share=0.05) or slim_choice
+        _log(f"best layer set {slim_layers}: x{refined.result.speedup:.3f} with the slim tier in use "
+             f"({refined.result.tier_blocks}); without the slim tier x{base.result.speedup:.3f}")
+        if refined.result.speedup > base.result.speedup:
+            choice, layers = refined, slim_layers
+        best_slim = (refined, slim_layers)
+    profile = _profile(args, choice, layers, base, sd, best_slim, raw, trials, n_layers)
     with open(args.out, "w") as f:
         f.write(f"# written by `via-sd {' '.join(sys.argv[1:])}` on {datetime.date.today()}\n")
         yaml.safe_dump(profile, f, sort_keys=False, default_flow_style=None)
-    log(f"profile written to {args.out}: x{choice.result.speedup:.2f} predicted at fidelity "
-        f"{choice.result.fidelity:.4f}, slim layers {layers}")
+    _log(f"profile written to {args.out}: x{choice.result.speedup:.3f} predicted at fidelity "
+         f"{choice.result.fidelity:.4f}, slim tier {'on, layers ' + str(layers) if layers else 'off'}")
     return profile
 
 
-def _profile(args, choice, layers, base, sd, raw, trials, n_layers) -> dict:
+def _profile(args, choice, layers, base, sd, best_slim, raw, trials, n_layers) -> dict:
     p = choice.policy
+    calibration = {
+        "prompts": args.num_prompts, "max_tokens": args.max_tokens, "target_fidelity": args.target_fidelity,
+        "predicted": _sim_dict(choice.result),
+        "predicted_without_slim": _sim_dict(base.result),
+        "predicted_sd": {**_sim_dict(sd.result), "block_size": sd.policy.block_size,
+                         "draft_stop_threshold": sd.policy.draft_stop_threshold},
+        "costs_s": {k: round(v, 5) for k, v in raw.items()},
+        "trials": sorted(trials, key=lambda tr: -tr["speedup_with_slim"])[:10],
+    }
+    if best_slim is not None:
+        calibration["best_with_slim"] = {**_sim_dict(best_slim[0].result), "layers": best_slim[1],
+                                         "router": _router_dict(best_slim[0].policy)}
     return {
         "slim": {"layers": layers if layers is not None else list(range(n_layers))},
-        "router": {"block_size": p.block_size, "score": p.score, "draft_stop_threshold": p.draft_stop_threshold,
-                   "direct_threshold": p.direct_threshold, "slim_threshold": p.slim_threshold,
-                   "escalate_threshold": p.escalate_threshold},
-        "calibration": {
-            "prompts": args.num_prompts, "max_tokens": args.max_tokens, "target_fidelity": args.target_fidelity,
-            "predicted": _sim_dict(choice.result),
-            "predicted_without_slim": _sim_dict(base.result),
-            "predicted_sd": _sim_dict(sd),
-            "costs_s": {k: round(v, 5) for k, v in raw.items()},
-            "trials": sorted(trials, key=lambda tr: -tr["speedup"])[:10],
-        },
+        "router": _router_dict(p),
+        "calibration": calibration,
     }
+
+
+def _router_dict(p: RouterPolicy) -> dict:
+    return {"block_size": p.block_size, "score": p.score, "draft_stop_threshold": p.draft_stop_threshold,
+            "direct_threshold": p.direct_threshold, "slim_threshold": p.slim_threshold,
+            "escalate_threshold": p.escalate_threshold}
 
 
 def _sim_dict(r: SimResult) -> dict:

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="profile YAML to write")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
+    cal.add_argument("--cache", default=None, help="JSON file to keep / reuse the reference completions in")
     return parser
 
 
