@@ -189,7 +189,7 @@ def _norm_cdf(z):
     return 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
 
 
-def _timed(fn, repeat: int = 5) -> float:
+def _timed(fn, repeat: int = 9) -> float:
     fn()
     times = []
     for _ in range(repeat):
@@ -216,12 +216,14 @@ def measure_costs(engine: LocalEngine, context: list[int], block_size: int) -> d
         caches[name] = stack.new_cache(len(context) + 64)
         stack(context, caches[name], 1)
     block = context[-(block_size + 1):]
+    behind = context[-(block_size + 9):]  # the same block after 8 tokens of catch-up
     t_ar = _timed(step(full, caches["full"], block[:1]))
     t_full = _timed(step(full, caches["full"], block))
+    t_behind = _timed(step(full, caches["full"], behind))
     t_half = _timed(step(half, caches["half"], block))
     slope = (t_full - t_half) / (n_layers - len(half.layers))
     result = {"ar_step_s": t_ar, "full_call_s": t_full, "slim_fixed_s": t_full - slope * n_layers,
-              "slim_per_layer_s": slope}
+              "slim_per_layer_s": slope, "catch_up_token_s": max(0.0, (t_behind - t_full) / 8)}
     drafter = getattr(engine.drafter, "stack", None)
     if drafter is not None:
         cache = drafter.new_cache(len(context) + 64)
@@ -288,7 +290,7 @@ def run_calibration(args) -> dict:
 
     def costs_for(layers: int) -> Costs:
         slim = max(raw["slim_fixed_s"] + raw["slim_per_layer_s"] * layers, raw["full_call_s"] * layers / n_layers)
-        return Costs(raw["draft_token_s"] / t, raw["full_call_s"] / t, slim / t)
+        return Costs(raw["draft_token_s"] / t, raw["full_call_s"] / t, slim / t, raw["catch_up_token_s"] / t)
 
     def with_slim(layers: list[int]) -> None:
         slim = DecoderStack(engine.verifier_model, layers)
@@ -336,7 +338,7 @@ def run_calibration(args) -> dict:
         if refined.result.speedup > base.result.speedup:
             choice, layers = refined, slim_layers
         best_slim = (refined, slim_layers)
-    profile = _profile(args, choice, layers, base, sd, best_slim, raw, trials, n_layers)
+    profile = _profile(args, choice, base, sd, best_slim, raw, trials, n_layers)
     with open(args.out, "w") as f:
         f.write(f"# written by `via-sd {' '.join(sys.argv[1:])}` on {datetime.date.today()}\n")
         yaml.safe_dump(profile, f, sort_keys=False, default_flow_style=None)
@@ -345,7 +347,7 @@ def run_calibration(args) -> dict:
     return profile
 
 
-def _profile(args, choice, layers, base, sd, best_slim, raw, trials, n_layers) -> dict:
+def _profile(args, choice, base, sd, best_slim, raw, trials, n_layers) -> dict:
     p = choice.policy
     calibration = {
         "prompts": args.num_prompts, "max_tokens": args.max_tokens, "target_fidelity": args.target_fidelity,
@@ -360,7 +362,8 @@ def _profile(args, choice, layers, base, sd, best_slim, raw, trials, n_layers) -
         calibration["best_with_slim"] = {**_sim_dict(best_slim[0].result), "layers": best_slim[1],
                                          "router": _router_dict(best_slim[0].policy)}
     return {
-        "slim": {"layers": layers if layers is not None else list(range(n_layers))},
+        # the best layer set found, even when the thresholds leave the slim tier unused
+        "slim": {"layers": best_slim[1] if best_slim is not None else list(range(n_layers))},
         "router": _router_dict(p),
         "calibration": calibration,
     }

@@ -53,3 +53,13 @@ def test_lossless_via_sd_never_errs():
     policy = RouterPolicy(mode=Mode.VIA_SD, block_size=3, direct_threshold=0.95, slim_threshold=0.5, lossless=True)
     res = simulate([tr], policy, COSTS)
     assert res.errors == 0 and res.committed == len(target)
+
+
+def test_catch_up_after_direct_blocks_is_charged_to_the_next_verifier_call():
+    # block 1 is confident (direct, 3 tokens); block 2 is not: the full verifier runs 3 catch-up tokens
+    tr = trace([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [0.99, 0.99, 0.99, 0.1, 0.1, 0.1, 0.1])
+    policy = RouterPolicy(mode=Mode.VIA_SD, block_size=3, direct_threshold=0.9, slim_threshold=0.9)
+    base = simulate([tr], policy, COSTS)
+    charged = simulate([tr], policy, Costs(COSTS.draft_token, COSTS.full_call, COSTS.slim_call, catch_up_token=0.1))
+    assert base.tier_blocks["direct"] == 1
+    assert abs(charged.cost - base.cost - 3 * 0.1) < 1e-9

@@ -35,6 +35,7 @@ class Costs:
     draft_token: float
     full_call: float
     slim_call: float = 0.0
+    catch_up_token: float = 0.0  # extra cost per committed token a verifier runs in catch-up
 
 
 @dataclass
@@ -76,6 +77,12 @@ def _simulate_one(tr: Trace, policy: RouterPolicy, costs: Costs) -> SimResult:
     res = SimResult(tier_blocks={t.value: 0 for t in Tier})
     n, t = len(tr.target), 0
     uses_drafter = policy.uses_drafter
+    seen = {Tier.SLIM: 0, Tier.FULL: 0}  # committed tokens each verifier has in its KV cache
+
+    def call(tier: Tier, at: int) -> float:
+        behind, seen[tier] = max(0, at - seen[tier]), at
+        return (costs.full_call if tier is Tier.FULL else costs.slim_call) + behind * costs.catch_up_token
+
     while t < n:
         k, probs = 0, []
         if uses_drafter:
@@ -92,10 +99,10 @@ def _simulate_one(tr: Trace, policy: RouterPolicy, costs: Costs) -> SimResult:
             res.errors += sum(tr.draft[t + i] != tr.target[t + i] for i in range(k))
             step = k
         elif tier is Tier.FULL:
-            res.cost += costs.full_call
+            res.cost += call(Tier.FULL, t)
             step = _matched(tr.draft, tr.target, t, k) + 1
         else:
-            res.cost += costs.slim_call
+            res.cost += call(Tier.SLIM, t)
             accepted = _matched(tr.draft, tr.slim, t, k)
             candidate = [tr.draft[t + i] for i in range(accepted)] + [tr.slim[t + accepted]]
             cut = policy.escalate_at([tr.slim_prob[t + i] for i in range(accepted + 1)])
@@ -104,7 +111,7 @@ def _simulate_one(tr: Trace, policy: RouterPolicy, costs: Costs) -> SimResult:
             step = head
             if cut is not None:
                 res.escalations += 1
-                res.cost += costs.full_call
+                res.cost += call(Tier.FULL, t + cut)
                 tail = candidate[cut:]
                 matched = 0
                 while matched < len(tail) and tail[matched] == tr.target[t + cut + matched]:
