@@ -40,11 +40,11 @@ from via_sd_ray.errors import ConfigError
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.local import LocalEngine
 
-DIRECT = (0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
+DIRECT = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
 SLIM = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ESCALATE = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-BLOCK_SIZES = (3, 4, 5, 6, 8)
-DRAFT_STOPS = (0.0, 0.2, 0.4, 0.6)
+BLOCK_SIZES = (3, 4, 5, 6, 8, 10, 12)
+DRAFT_STOPS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 @dataclass
@@ -359,20 +359,23 @@ def _profile(args, choice, base, sd, best_slim, raw, trials, n_layers) -> dict:
         "trials": sorted(trials, key=lambda tr: -tr["speedup_with_slim"])[:10],
     }
     if best_slim is not None:
-        calibration["best_with_slim"] = {**_sim_dict(best_slim[0].result), "layers": best_slim[1],
+        calibration["best_with_slim"] = {**_sim_dict(best_slim[0].result), "layers": list(best_slim[1]),
                                          "router": _router_dict(best_slim[0].policy)}
     return {
         # the best layer set found, even when the thresholds leave the slim tier unused
-        "slim": {"layers": best_slim[1] if best_slim is not None else list(range(n_layers))},
-        "router": _router_dict(p),
+        "slim": {"layers": list(best_slim[1]) if best_slim is not None else list(range(n_layers))},
+        "router": _router_dict(p, sd.policy),
         "calibration": calibration,
     }
 
 
-def _router_dict(p: RouterPolicy) -> dict:
-    return {"block_size": p.block_size, "score": p.score, "draft_stop_threshold": p.draft_stop_threshold,
-            "direct_threshold": p.direct_threshold, "slim_threshold": p.slim_threshold,
-            "escalate_threshold": p.escalate_threshold}
+def _router_dict(p: RouterPolicy, sd: RouterPolicy | None = None) -> dict:
+    out = {"block_size": p.block_size, "score": p.score, "draft_stop_threshold": p.draft_stop_threshold,
+           "direct_threshold": p.direct_threshold, "slim_threshold": p.slim_threshold,
+           "escalate_threshold": p.escalate_threshold}
+    if sd is not None:
+        out["sd"] = {"block_size": sd.block_size, "draft_stop_threshold": sd.draft_stop_threshold}
+    return out
 
 
 def _sim_dict(r: SimResult) -> dict:

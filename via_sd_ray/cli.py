@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--split", default="bench", choices=["bench", "calibration"])
     bench.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
 
+    bs = sub.add_parser("bench-serve", help="benchmark a running application over gRPC and HTTP")
+    _add_config(bs)
+    bs.add_argument("--http", default="http://127.0.0.1:8000")
+    bs.add_argument("--grpc", default="127.0.0.1:9000")
+    bs.add_argument("--api-key", default=None, help="bearer token, when the server requires one")
+    bs.add_argument("--num-prompts", type=int, default=8)
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--concurrency", default="1,4,8")
+    bs.add_argument("--no-local", action="store_true", help="skip the in-process engine comparison")
+    bs.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
+    bs.add_argument("--json", dest="json_out", default=None)
+
     cal = sub.add_parser("calibrate", help="choose the slim layers and router thresholds")
     _add_config(cal)
     cal.add_argument("--num-prompts", type=int, default=16)
@@ -86,6 +98,11 @@ def _run(args) -> int:
         from via_sd_ray.bench import run_bench
 
         run_bench(args)
+        return 0
+    if args.command == "bench-serve":
+        from via_sd_ray.serving.loadtest import run_serving_bench
+
+        run_serving_bench(args)
         return 0
     if args.command == "calibrate":
         from via_sd_ray.calibrate import run_calibration

@@ -31,15 +31,17 @@ class ModelConfig(_Strict):
     dtype: DTypeName = Field("bfloat16", description="Weight and activation dtype (bf16 is fastest on CPU here).")
     revision: str | None = Field(None, description="Hub revision, for Hugging Face ids.")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
-    quantization: Literal["none", "int8-weight-only"] = Field(
-        "none", description="Weight-only int8 (per channel) for every linear layer: ~2.7x faster decoding on CPU.")
+    quantization: Literal["none", "int8-weight-only", "int4-weight-only"] = Field(
+        "none", description="Weight-only int8 (per channel) or int4 (groups of 32) for every linear layer: "
+        "2.5-3.5x faster decoding on CPU.")
 
 
 class DrafterConfig(ModelConfig):
     source: str = Field("qwen2.5-coder-0.5b-instruct", description=f"As for models, or `{PROMPT_LOOKUP}` for a "
                         "model-free n-gram drafter.")
-    quantization: Literal["none", "int8-weight-only"] = Field(
-        "int8-weight-only", description="As for models; the drafter's default, since its errors cost only speed.")
+    quantization: Literal["none", "int8-weight-only", "int4-weight-only"] = Field(
+        "int4-weight-only", description="As for models; int4 is the drafter's default, since its errors cost "
+        "only speed.")
     max_ngram: int = Field(3, ge=1, le=16, description="prompt-lookup: longest n-gram matched.")
     min_ngram: int = Field(1, ge=1, le=16, description="prompt-lookup: shortest n-gram matched.")
 
@@ -59,6 +61,11 @@ class SlimConfig(_Strict):
                                      "keeps (increasing). None: chosen by the profile, else every layer.")
 
 
+class BlockShape(_Strict):
+    block_size: int = Field(ge=1, le=64, description="K for this mode.")
+    draft_stop_threshold: float = Field(0.0, ge=0, le=1, description="As router.draft_stop_threshold.")
+
+
 class RouterConfig(_Strict):
     mode: Mode = Field(Mode.VIA_SD, description="ar: full verifier alone; sd: drafter + full verifier; "
                        "via-sd: drafter + slim + full verifier.")
@@ -75,6 +82,8 @@ class RouterConfig(_Strict):
     score: Literal[SCORES] = Field("min", description="How token probabilities make a block confidence.")
     draft_stop_threshold: float = Field(0.0, ge=0, le=1, description="The drafter ends a block after a token whose "
                                         "probability is below this (0: always K tokens).")
+    sd: BlockShape | None = Field(None, description="Block shape of the `sd` mode when it differs from via-sd's "
+                                  "(long blocks pay off when every block is verified; calibrated separately).")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -86,7 +95,10 @@ class RouterConfig(_Strict):
         return self
 
     def policy(self, **overrides) -> RouterPolicy:
-        fields = self.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        fields = self.model_dump(exclude={"sd"}) | {k: v for k, v in overrides.items() if v is not None}
+        if self.sd is not None and Mode(fields["mode"]) is Mode.SD:
+            shape = self.sd.model_dump()
+            fields |= {k: v for k, v in shape.items() if overrides.get(k) is None}
         return RouterPolicy(**fields)
 
 
@@ -94,6 +106,69 @@ class LimitsConfig(_Strict):
     max_tokens: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
     max_cache_bytes: int | None = Field(None, ge=1, description="KV-cache budget per tier runner (LRU eviction).")
+
+
+DEPLOYMENTS = ("Ingress", "Router", "Drafter", "SlimVerifier", "FullVerifier")
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment (see `ray.serve.deployment`); unset fields keep Serve's defaults."""
+
+    num_replicas: int | Literal["auto"] | None = Field(None, description="Fixed replica count, or 'auto'.")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica runs at once.")
+    max_queued_requests: int | None = Field(None, ge=-1, description="Requests queued per caller before 429.")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config (min/max "
+                                                      "replicas, targets, policy).")
+    ray_actor_options: dict[str, Any] | None = Field(None, description="num_cpus, num_gpus, resources, "
+                                                     "label_selector, runtime_env, ...")
+    placement_group_bundles: list[dict[str, float]] | None = Field(None, description="Resource bundles of one "
+                                                                   "replica (tensor-parallel workers).")
+    placement_group_strategy: str | None = Field(None, description="PACK, STRICT_PACK, SPREAD, ...")
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def _default_deployments() -> dict[str, DeploymentOptions]:
+    tier = DeploymentOptions(num_replicas=1, max_ongoing_requests=64)
+    return {
+        "Ingress": DeploymentOptions(num_replicas=1, max_ongoing_requests=256),
+        "Router": DeploymentOptions(num_replicas=1, max_ongoing_requests=64),
+        "Drafter": tier, "SlimVerifier": tier, "FullVerifier": tier,
+    }
+
+
+class ServingConfig(_Strict):
+    batch_size: int = Field(8, ge=1, le=256, description="Most generations a tier replica runs in one forward "
+                            "pass.")
+    tier_retries: int = Field(2, ge=0, le=10, description="Retries of a tier call that failed because its "
+                              "replica died or was unreachable (the replacement rebuilds the KV cache).")
+    tier_timeout_s: float = Field(120.0, gt=0, description="Longest one tier call may take.")
+    affinity: bool = Field(True, description="Route every tier call of a generation to the replica holding its "
+                           "KV cache (session affinity on the generation id).")
+    deployments: dict[Literal[DEPLOYMENTS], DeploymentOptions] = Field(
+        default_factory=_default_deployments, description="Per-deployment Serve options; unnamed deployments "
+        "keep the defaults.")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self):
+        merged = _default_deployments()
+        for name, options in self.deployments.items():
+            given = options.model_dump(exclude_none=True)
+            if given.get("autoscaling_config") is not None and given.get("num_replicas") not in (None, "auto"):
+                raise ValueError(f"serving.deployments.{name}: expected either num_replicas or autoscaling_config, "
+                                 f"received both (num_replicas={given['num_replicas']})")
+            defaults = merged[name].model_dump(exclude_none=True)
+            if "autoscaling_config" in given:
+                defaults.pop("num_replicas", None)
+            merged[name] = DeploymentOptions(**{**defaults, **given})
+        object.__setattr__(self, "deployments", merged)
+        return self
 
 
 class EngineConfig(_Strict):
@@ -105,6 +180,8 @@ class EngineConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process (None: torch default).")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Ray Serve deployments and tier "
+                                   "call behaviour (ignored in-process).")
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

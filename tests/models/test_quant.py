@@ -32,3 +32,19 @@ def test_float64_falls_back_to_dequantized_matmul():
     lin = nn.Linear(8, 4).double()
     x = torch.randn(2, 8, dtype=torch.float64)
     assert torch.allclose(Int8WeightOnlyLinear(lin)(x), lin(x), atol=0.05)
+
+
+def test_int4_linear_is_close_to_float_and_packs_on_cpu():
+    from via_sd_ray.models.quant import Int4WeightOnlyLinear, quantize
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    q = Int4WeightOnlyLinear(lin)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    ref = lin(x).float()
+    assert q.packed
+    assert (q(x).float() - ref).abs().max() < 0.1 * ref.abs().max()
+    model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 8)).to(torch.bfloat16)
+    quantize(model, "int4-weight-only")
+    assert isinstance(model[0], Int4WeightOnlyLinear)
+    assert isinstance(model[1], Int8WeightOnlyLinear)  # 16 inputs: not a multiple of the group size

@@ -50,6 +50,10 @@ class CountingStack:
         self.passes.append(len(token_ids))
         return self.stack(token_ids, cache, num_logits)
 
+    def forward_batch(self, token_lists, caches, num_logits):
+        self.passes.extend(len(t) for t in token_lists)  # one pass per generation in the batch
+        return self.stack.forward_batch(token_lists, caches, num_logits)
+
     def __getattr__(self, name):
         return getattr(self.stack, name)
 

@@ -37,5 +37,8 @@ class PromptLookupDrafter:
             return Draft(block, probs)
         return Draft([], [])
 
+    def draft_batch(self, calls: list[DraftCall]) -> list[Draft]:
+        return [self.draft(call) for call in calls]
+
     def release(self, generation_id: str) -> None:  # no per-generation state
         pass

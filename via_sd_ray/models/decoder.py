@@ -33,6 +33,7 @@ class DecoderStack(nn.Module):
         all_layers = list(base.layers)
         layers = list(range(len(all_layers))) if layers is None else check_layers(layers, len(all_layers))
         self.config = config
+        self.__dict__["hf_model"] = lm  # the model these modules belong to (not registered as a submodule)
         self.embed_tokens = base.embed_tokens
         self.rotary_emb = base.rotary_emb
         self.layers = nn.ModuleList(all_layers[i] for i in layers)
@@ -80,6 +81,79 @@ class DecoderStack(nn.Module):
         cache.finish(token_ids)
         hidden = self.norm(hidden[:, n - num_logits :])  # [1, num_logits, H]
         return self.lm_head(hidden)[0].float()  # [num_logits, V]
+
+
+    @torch.inference_mode()
+    def forward_batch(self, token_lists: list[list[int]], caches: list[KVCache],
+                      num_logits: list[int]) -> list[torch.Tensor]:
+        """``forward`` for several generations in one pass (ragged lengths, right-padded).
+
+        Row i runs ``token_lists[i]`` after what ``caches[i]`` holds and gets float32 logits
+        [num_logits[i], V]. One row takes exactly the unbatched path.
+        """
+        if len(token_lists) == 1:
+            return [self.forward(token_lists[0], caches[0], num_logits[0])]
+        lengths = [len(t) for t in token_lists]
+        starts = [cache.begin(n) for cache, n in zip(caches, lengths)]
+        if any(s + n > self.max_context for s, n in zip(starts, lengths)):
+            raise ValueError(f"a sequence exceeds the context window of {self.max_context}")
+        width = max(lengths)
+        ids = torch.zeros((len(lengths), width), dtype=torch.long, device=self.device)  # [B, T]
+        positions = torch.zeros_like(ids)  # [B, T]
+        for i, (tokens, start, n) in enumerate(zip(token_lists, starts, lengths)):
+            ids[i, :n] = torch.tensor(tokens, dtype=torch.long)
+            positions[i] = torch.arange(start, start + width).clamp_max(start + n - 1)
+        hidden = self.embed_tokens(ids)  # [B, T, H]
+        rotary = self.rotary_emb(hidden, position_ids=positions)
+        view = _BatchedCache(caches, starts, lengths)
+        mask = view.mask(width, hidden.dtype, self.device)  # [B, 1, T, S]
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=view,
+                           use_cache=True, position_embeddings=rotary)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        rows = [hidden[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits))]
+        for cache, tokens in zip(caches, token_lists):
+            cache.finish(tokens)
+        logits = self.lm_head(self.norm(torch.cat(rows)[None]))[0].float()  # [sum(num_logits), V]
+        return list(torch.split(logits, num_logits))
+
+
+class _BatchedCache:
+    """Presents the per-generation caches of a batch to the attention modules as one padded cache."""
+
+    def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int]):
+        self.caches, self.starts, self.lengths = caches, starts, lengths
+        self.span = max(s + n for s, n in zip(starts, lengths))  # S: keys of the longest row
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write each row's new ``key``/``value`` [B, H, T, D] into its cache; return padded [B, H, S, D]."""
+        b, h, _, d = key.shape
+        keys = key.new_zeros((b, h, self.span, d))
+        values = value.new_zeros((b, h, self.span, d))
+        for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
+            k_all, v_all = cache.update(key[i : i + 1, :, :n], value[i : i + 1, :, :n], layer_idx)
+            keys[i, :, : k_all.shape[2]] = k_all[0]
+            values[i, :, : v_all.shape[2]] = v_all[0]
+        return keys, values
+
+    def mask(self, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Row i, query j sees keys 0..start_i + j; padding queries see key 0 only."""
+        keys = torch.arange(self.span, device=device)
+        allowed = torch.zeros((len(self.caches), width, self.span), dtype=torch.bool, device=device)
+        for i, (start, n) in enumerate(zip(self.starts, self.lengths)):
+            queries = torch.arange(start, start + n, device=device)
+            allowed[i, :n] = keys[None, :] <= queries[:, None]
+            allowed[i, n:, 0] = True
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return min(self.starts)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
 
 
 def _causal_mask(start: int, n: int, dtype: torch.dtype, device) -> torch.Tensor | None:

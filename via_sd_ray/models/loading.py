@@ -17,7 +17,7 @@ import torch
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import registry, tiny
 from via_sd_ray.models.decoder import check_layers, keep_layers
-from via_sd_ray.models.quant import quantize_int8_weight_only
+from via_sd_ray.models.quant import quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -100,11 +100,10 @@ def load_model(resolved: ResolvedSource, dtype: str = "bfloat16", layers: list[i
     """A Hugging Face causal LM in eval mode. With ``layers``, only those decoder layers are read
     and the model holds them re-indexed from 0 (a slim-verifier-only process)."""
     model = _load(resolved, DTYPES[dtype], layers, attn_implementation)
-    if quantization == "int8-weight-only":
-        quantize_int8_weight_only(model)
-    elif quantization != "none":
-        raise ConfigError(f"quantization: expected 'none' or 'int8-weight-only', received {quantization!r}")
-    return model
+    try:
+        return quantize(model, quantization)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _load(resolved: ResolvedSource, torch_dtype: torch.dtype, layers: list[int] | None, attn_implementation: str):

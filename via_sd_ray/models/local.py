@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig
+from via_sd_ray.config import EngineConfig
 from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall, drive
-from via_sd_ray.core.ngram import PromptLookupDrafter
 from via_sd_ray.core.policy import RouterPolicy, Tier
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
-from via_sd_ray.errors import ConfigError, InvalidRequest
+from via_sd_ray.errors import InvalidRequest
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.detok import IncrementalText
-from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve
+from via_sd_ray.models.loading import eos_token_ids, load_tokenizer, resolve
 from via_sd_ray.models.runner import TierRunner
+from via_sd_ray.models.tiers import build_drafter, load
 
 
 @dataclass
@@ -81,34 +81,17 @@ class LocalEngine:
         verifier_cfg = config.models.verifier
         verifier_src = resolve(verifier_cfg.source, verifier_cfg.revision)
         self.tokenizer = load_tokenizer(verifier_src)
-        self.verifier_model = load_model(verifier_src, verifier_cfg.dtype,
-                                         attn_implementation=verifier_cfg.attn_implementation,
-                                         quantization=verifier_cfg.quantization)
+        self.verifier_model = load(verifier_cfg)
         budget = config.limits.max_cache_bytes
         self.full = TierRunner(DecoderStack(self.verifier_model), budget, name="full")
         self.slim = TierRunner(DecoderStack(self.verifier_model, config.slim.layers), budget, name="slim")
-        self.drafter = self._load_drafter(budget)
+        self.drafter = build_drafter(config, self.verifier_model.get_output_embeddings().out_features)
+        if isinstance(self.drafter, TierRunner):
+            self.drafter_model = self.drafter.stack.hf_model
         self.eos_token_ids = eos_token_ids(self.verifier_model, self.tokenizer)
-        contexts = [self.full.max_context] + ([self.drafter.max_context] if hasattr(self.drafter, "max_context")
-                                              else [])
-        self.max_context = min(contexts)
+        self.max_context = min([self.full.max_context] + ([self.drafter.max_context]
+                                                          if isinstance(self.drafter, TierRunner) else []))
         self.policy = config.router.policy()
-
-    def _load_drafter(self, budget):
-        cfg = self.config.models.drafter
-        if cfg.source == PROMPT_LOOKUP:
-            return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram)
-        model = load_model(resolve(cfg.source, cfg.revision), cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           quantization=cfg.quantization)
-        drafter_vocab = model.get_output_embeddings().out_features
-        verifier_vocab = self.verifier_model.get_output_embeddings().out_features
-        if drafter_vocab != verifier_vocab:
-            raise ConfigError(
-                f"models.drafter.source: expected a model with the verifier's vocabulary ({verifier_vocab} "
-                f"tokens), received {cfg.source!r} with {drafter_vocab}"
-            )
-        self.drafter_model = model
-        return TierRunner(DecoderStack(model), budget, name="drafter")
 
     # -- prompts -------------------------------------------------------------------------
 

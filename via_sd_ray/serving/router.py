@@ -1,0 +1,258 @@
+"""The ``Router`` deployment: the routing actor that runs each generation's block loop.
+
+For every request it tokenizes the prompt, builds a ``core.engine.Generation`` and
+answers its tier calls through ``TierClient``s (Ray handles to the tier deployments in
+production, in-process servers in unit tests): draft, score, route to the cheapest tier
+that meets the block's confidence, verify, commit, stream. It retries a tier call whose
+replica died (the replacement rebuilds the KV cache from the token ids in the call) and
+releases the generation's caches in every tier when it ends, fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from via_sd_ray.config import EngineConfig, parse_config
+from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall
+from via_sd_ray.core.policy import Mode
+from via_sd_ray.core.sampling import SamplingParams
+from via_sd_ray.errors import ConfigError, InvalidRequest, TierUnavailable, ViaSDError
+from via_sd_ray.models.detok import IncrementalText
+
+
+@dataclass
+class GenerateRequest:
+    """One generation as the ingress hands it over (HTTP and gRPC map onto this)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    mode: str | None = None
+    lossless: bool | None = None
+    block_size: int | None = None
+    direct_threshold: float | None = None
+    slim_threshold: float | None = None
+    escalate_threshold: float | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class TierClient:
+    """Calls one tier deployment through a Ray Serve handle, with session affinity on the generation."""
+
+    def __init__(self, handle, tier: str, affinity: bool = True):
+        self.handle, self.tier, self.affinity = handle, tier, affinity
+
+    def _for(self, generation_id: str):
+        return self.handle.options(session_id=generation_id) if self.affinity else self.handle
+
+    async def draft(self, call: DraftCall):
+        return await self._for(call.generation_id).draft.remote(call)
+
+    async def verify(self, call: VerifyCall):
+        return await self._for(call.generation_id).verify.remote(call)
+
+    async def release(self, generation_id: str) -> None:
+        await self._for(generation_id).release.remote(generation_id)
+
+
+class GenerationRouter:
+    def __init__(self, args: dict[str, Any] | EngineConfig, drafter, slim, full, text=None, metrics=None):
+        from via_sd_ray.models.tiers import text_info
+
+        self.config = args if isinstance(args, EngineConfig) else parse_config(args)
+        affinity = self.config.serving.affinity
+        self.tiers = {name: (h if not _is_handle(h) else TierClient(h, name, affinity))
+                      for name, h in (("drafter", drafter), ("slim", slim), ("full", full))}
+        self.text = text if text is not None else text_info(self.config)
+        self.metrics = metrics if metrics is not None else _default_metrics()
+        self.active: set[str] = set()
+
+    # -- request -> generation -------------------------------------------------------------
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids")
+        tok = self.text.tokenizer
+        if request.messages is not None:
+            if not request.messages:
+                raise InvalidRequest("messages: expected at least one message, received an empty list")
+            if not getattr(tok, "chat_template", None):
+                raise InvalidRequest("messages: this model has no chat template; send a prompt")
+            ids = tok.apply_chat_template(request.messages, add_generation_prompt=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        elif request.prompt is not None:
+            if not request.prompt:
+                raise InvalidRequest("prompt: expected a non-empty string, received ''")
+            ids = tok(request.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            vocab = len(tok)
+            ids = list(request.prompt_token_ids)
+            if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"prompt_token_ids: expected a non-empty list of token ids in [0, {vocab})")
+        if not ids:
+            raise InvalidRequest("prompt: expected at least one token, received a prompt that encodes to none")
+        if len(ids) >= self.text.max_context:
+            raise InvalidRequest(f"prompt: expected fewer than {self.text.max_context} tokens (the context window), "
+                                 f"received {len(ids)}")
+        return ids
+
+    def sampling(self, request: GenerateRequest, prompt_tokens: int) -> SamplingParams:
+        limits = self.config.limits
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(limits.default_max_tokens, self.text.max_context - prompt_tokens))
+        elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
+            raise InvalidRequest(f"max_tokens: expected a value in [1, {limits.max_tokens}], received {max_tokens}")
+        return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                              top_k=request.top_k, seed=request.seed, stop=tuple(request.stop or ()),
+                              ignore_eos=request.ignore_eos)
+
+    def policy(self, request: GenerateRequest):
+        overrides = {k: getattr(request, k) for k in ("mode", "lossless", "block_size", "direct_threshold",
+                                                       "slim_threshold", "escalate_threshold")}
+        try:
+            if overrides["mode"] is not None:
+                Mode(overrides["mode"])
+            return self.config.router.policy(**overrides)
+        except (ConfigError, ValueError) as err:
+            message = getattr(err, "message", None) or (
+                f"mode: expected one of {[m.value for m in Mode]}, received {overrides['mode']!r}")
+            raise InvalidRequest(message.removeprefix("router.")) from None
+
+    # -- the block loop ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        """Stream the generation as events: ``{"token_ids", "text", "tier", "finish_reason"}``; the
+        last one also carries ``usage`` and ``stats``."""
+        prompt_ids = self.encode(request)
+        params = self.sampling(request, len(prompt_ids))
+        policy = self.policy(request)
+        generation = Generation(prompt_ids, params, policy, self.text.eos_token_ids, self.text.max_context,
+                                self.text.decode, generation_id=request.request_id)
+        detok = IncrementalText(self.text.decode, params.stop)
+        start = time.perf_counter()
+        self.active.add(generation.generation_id)
+        try:
+            steps, reply = generation.steps(), None
+            while True:
+                try:
+                    item = steps.send(reply)
+                except StopIteration:
+                    break
+                if isinstance(item, Commit):
+                    reply = None
+                    if self.metrics:
+                        self.metrics.record_block(generation.stats.records[-1])
+                    yield self._event(generation, detok, item, start, len(prompt_ids))
+                else:
+                    reply = await self._call(item)
+            if self.metrics:
+                self.metrics.finish(policy.mode.value, generation.finish_reason, len(generation.output_ids),
+                                    time.perf_counter() - start)
+        finally:
+            self.active.discard(generation.generation_id)
+            self._release(generation.generation_id)
+
+    def _event(self, generation: Generation, detok: IncrementalText, commit: Commit, start: float,
+               prompt_tokens: int) -> dict[str, Any]:
+        done = commit.finish_reason is not None
+        event = {
+            "token_ids": commit.tokens,
+            "text": detok.push(generation.output_ids, final=done, end=generation.stop_text_end if done else None),
+            "tier": commit.tier.value,
+            "finish_reason": commit.finish_reason,
+        }
+        if done:
+            elapsed = time.perf_counter() - start
+            completion = len(generation.output_ids)
+            event["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                              "total_tokens": prompt_tokens + completion}
+            stats = generation.stats.to_dict()
+            stats.update(elapsed_s=elapsed, tokens_per_s=completion / elapsed if elapsed > 0 else 0.0,
+                         mode=generation.policy.mode.value, lossless=generation.policy.lossless)
+            event["stats"] = stats
+        return event
+
+    async def _call(self, call: DraftCall | VerifyCall):
+        tier = "drafter" if isinstance(call, DraftCall) else call.tier.value
+        client = self.tiers[tier]
+        retries, timeout = self.config.serving.tier_retries, self.config.serving.tier_timeout_s
+        for attempt in range(retries + 1):
+            start = time.perf_counter()
+            try:
+                method = client.draft if tier == "drafter" else client.verify
+                result = await asyncio.wait_for(method(call), timeout)
+            except (ViaSDError, ValueError):
+                raise  # the request itself is wrong: retrying cannot help
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a replica died, was unreachable or timed out
+                if self.metrics:
+                    self.metrics.retries.inc(tags={"tier": tier})
+                if attempt == retries:
+                    raise TierUnavailable(f"{tier} tier failed {retries + 1} times; retry the request "
+                                          f"({type(err).__name__}: {err})") from None
+                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+                continue
+            if self.metrics:
+                self.metrics.observe_tier(tier, time.perf_counter() - start)
+            return result
+
+    def _release(self, generation_id: str) -> None:
+        """Tell every tier to drop the generation's caches, without waiting (also on cancellation)."""
+        for client in self.tiers.values():
+            try:
+                asyncio.get_running_loop().create_task(_quietly(client.release(generation_id)))
+            except RuntimeError:  # no running loop (interpreter shutting down)
+                pass
+
+    async def check_health(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"active_generations": len(self.active)}
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:  # a dead replica has no cache to release
+        pass
+
+
+def _is_handle(obj) -> bool:
+    return type(obj).__name__ == "DeploymentHandle"
+
+
+def _default_metrics():
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+    except ImportError:
+        return None
+    from via_sd_ray.serving.metrics import RouterMetrics
+
+    return RouterMetrics()
+
+
+def request_from_dict(data: dict[str, Any]) -> GenerateRequest:
+    known = {f for f in GenerateRequest.__dataclass_fields__}
+    return GenerateRequest(**{k: v for k, v in data.items() if k in known})
+
+
+__all__ = ["GenerateRequest", "GenerationRouter", "TierClient", "asdict", "request_from_dict"]

@@ -1,0 +1,125 @@
+"""The tier deployments: ``Drafter``, ``SlimVerifier`` and ``FullVerifier``.
+
+Each replica hosts one tier runner (models floor) and keeps the KV caches of the
+generations it serves, keyed by generation id, within the configured memory budget
+(LRU eviction) and released when a generation ends or is cancelled. Concurrent calls of
+different generations are micro-batched into one forward pass. Every call carries the
+generation's committed tokens, so a replica without the cache (new replica, eviction,
+failover) rebuilds it from token ids and continues.
+
+``TierServer`` is a plain class: tests construct it with an injected runner and no Ray;
+``serving.app`` turns it into three Ray Serve deployments.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from via_sd_ray.config import EngineConfig, parse_config
+from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
+from via_sd_ray.core.verify import Verdict
+from via_sd_ray.serving.batcher import MicroBatcher
+
+DEPLOYMENT_OF_TIER = {"drafter": "Drafter", "slim": "SlimVerifier", "full": "FullVerifier"}
+
+
+class TierServer:
+    def __init__(self, args: dict[str, Any] | EngineConfig, tier: str, runner=None, metrics=None):
+        from via_sd_ray.models.tiers import build_tier
+
+        self.config = args if isinstance(args, EngineConfig) else parse_config(args)
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+        self.tier = tier
+        self.runner = runner if runner is not None else build_tier(self.config, tier)
+        self.metrics = metrics if metrics is not None else _default_metrics(tier)
+        self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier)
+        self.started = time.monotonic()
+        self.failed: str | None = None  # set when the runner raised: the health check reports it
+
+    async def draft(self, call: DraftCall) -> Draft:
+        return await self._call(call)
+
+    async def verify(self, call: VerifyCall) -> Verdict:
+        return await self._call(call)
+
+    async def release(self, generation_id: str) -> None:
+        """Drop the generation's KV cache (it finished or was cancelled)."""
+        self.runner.release(generation_id)
+
+    async def _call(self, call):
+        start = time.perf_counter()
+        try:
+            return await self.batcher.submit(call)
+        finally:
+            if self.metrics:
+                self.metrics.observe_call(self.tier, time.perf_counter() - start)
+
+    def _run_batch(self, calls: list) -> list:
+        if self.metrics:
+            self.metrics.observe_batch(self.tier, len(calls))
+        before = _cache_counters(self.runner)
+        try:
+            if isinstance(calls[0], DraftCall):
+                return self.runner.draft_batch(calls)
+            return self.runner.verify_batch(calls)
+        except Exception as err:
+            if not isinstance(err, ValueError):  # a bad request is not a broken runner
+                self.failed = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            if self.metrics:
+                after = _cache_counters(self.runner)
+                self.metrics.count_cache(self.tier, after[0] - before[0], after[1] - before[1])
+
+    def stats(self) -> dict[str, Any]:
+        """What this replica holds and has done (tests, debugging, autoscaling signals)."""
+        caches = getattr(self.runner, "caches", {})
+        runner_stats = getattr(self.runner, "stats", None)
+        return {
+            "tier": self.tier,
+            "replica": _replica_id(),
+            "caches": len(caches),
+            "cache_bytes": sum(c.nbytes for c in caches.values()),
+            "queued": self.batcher.queued,
+            "batches": self.batcher.batches,
+            "batched_calls": self.batcher.items,
+            "busy_seconds": self.batcher.busy_seconds,
+            "uptime_s": time.monotonic() - self.started,
+            **({k: getattr(runner_stats, k) for k in vars(runner_stats)} if runner_stats else {}),
+        }
+
+    async def check_health(self) -> None:
+        """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
+        if self.failed:
+            raise RuntimeError(f"{DEPLOYMENT_OF_TIER[self.tier]} model runner is broken: {self.failed}")
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica (unit tests)
+        return "local"
+
+
+def _cache_counters(runner) -> tuple[int, int]:
+    stats = getattr(runner, "stats", None)
+    return (stats.cache_hits, stats.cache_misses) if stats else (0, 0)
+
+
+def _default_metrics(tier: str):
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+    except ImportError:
+        return None
+    from via_sd_ray.serving.metrics import TierMetrics
+
+    return TierMetrics()
