@@ -151,6 +151,8 @@ class ServingConfig(_Strict):
     tier_timeout_s: float = Field(120.0, gt=0, description="Longest one tier call may take.")
     affinity: bool = Field(True, description="Route every tier call of a generation to the replica holding its "
                            "KV cache (session affinity on the generation id).")
+    cache_idle_timeout_s: float = Field(60.0, gt=0, description="A tier replica drops a generation's KV cache "
+                                        "after this long without a call (its release went elsewhere or was lost).")
     deployments: dict[Literal[DEPLOYMENTS], DeploymentOptions] = Field(
         default_factory=_default_deployments, description="Per-deployment Serve options; unnamed deployments "
         "keep the defaults.")

@@ -20,6 +20,7 @@ PROMPTS = ["def quicksort(xs):", "SELECT * FROM", "The cache was", "class Tree:"
 def two_full_replicas(affinity: bool) -> dict:
     args = copy.deepcopy(SERVING_ARGS)
     args["serving"]["affinity"] = affinity
+    args["serving"]["cache_idle_timeout_s"] = 2.0  # caches left on a replica a generation moved away from
     args["serving"]["deployments"]["FullVerifier"]["num_replicas"] = 2
     args["router"]["direct_threshold"] = 1.0  # every block goes to a verifier
     args["router"]["slim_threshold"] = 1.0
@@ -58,9 +59,9 @@ def test_generations_survive_replicas_without_their_cache(cluster, local_engine,
             assert misses == len(PROMPTS)  # one cache per generation, never rebuilt
         else:
             assert misses > len(PROMPTS)  # generations moved between replicas and rebuilt their caches
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30  # released when generations end, or expired when idle
         while any(s["caches"] for s in replica_stats(name).values()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not any(s["caches"] for s in replica_stats(name).values())  # released when generations end
+        assert not any(s["caches"] for s in replica_stats(name).values())
     finally:
         serve.delete(name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -152,8 +151,10 @@ def test_prometheus_scrape_shows_tier_metrics(cluster, client):
         time.sleep(1)
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
+    # Ray prefixes application metrics with "ray_"
     tiers = {line.split('tier="')[1].split('"')[0] for line in text.splitlines()
-             if line.startswith("via_sd_tier_latency_ms_count")}
+             if line.startswith("ray_via_sd_tier_latency_ms_count")}
     assert {"drafter", "full"} <= tiers
-    blocks = [json.dumps(line) for line in text.splitlines() if line.startswith("via_sd_blocks_total")]
-    assert blocks
+    decided = {line.split('tier="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_via_sd_blocks_total")}
+    assert sum(decided.values()) > 0 and set(decided) <= {"direct", "slim", "full"}

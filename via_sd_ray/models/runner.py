@@ -17,6 +17,7 @@ each call as a prefix of the new committed tokens.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class TierRunner:
         self.name = name
         self.max_cache_bytes = max_cache_bytes
         self.caches: OrderedDict[str, KVCache] = OrderedDict()
+        self.last_used: dict[str, float] = {}  # monotonic time of each cache's last call
         self.stats = RunnerStats()
         self._lock = threading.Lock()  # calls of one runner run one at a time
 
@@ -57,7 +59,20 @@ class TierRunner:
 
     def release(self, generation_id: str) -> None:
         """Drop the generation's cache (it finished or was cancelled)."""
-        self.caches.pop(generation_id, None)
+        with self._lock:
+            self.caches.pop(generation_id, None)
+            self.last_used.pop(generation_id, None)
+
+    def expire(self, idle_seconds: float) -> int:
+        """Drop caches unused for ``idle_seconds`` (a generation that moved to another replica, or whose
+        release never arrived); returns how many."""
+        with self._lock:
+            now = time.monotonic()
+            stale = [g for g, t in self.last_used.items() if now - t > idle_seconds]
+            for generation_id in stale:
+                self.caches.pop(generation_id, None)
+                del self.last_used[generation_id]
+            return len(stale)
 
     def draft(self, call: DraftCall) -> Draft:
         return self.draft_batch([call])[0]
@@ -132,6 +147,7 @@ class TierRunner:
         else:
             self.stats.cache_hits += 1
         self.caches.move_to_end(generation_id)
+        self.last_used[generation_id] = time.monotonic()
         keep = min(cache.common_prefix(committed), len(committed) - 1)
         cache.crop(keep)
         self._evict(protect=generation_id)
@@ -146,6 +162,7 @@ class TierRunner:
                 self.caches.move_to_end(victim)
                 victim = next(iter(self.caches))
             del self.caches[victim]
+            self.last_used.pop(victim, None)
             self.stats.evictions += 1
 
 

@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from via_sd_ray.config import EngineConfig, load_config, parse_config
-from via_sd_ray.serving.ingress import Ingress, app
+from via_sd_ray.serving.ingress import Ingress
 from via_sd_ray.serving.router import GenerationRouter
 from via_sd_ray.serving.tiers import DEPLOYMENT_OF_TIER, TierServer
 
@@ -41,7 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         tiers[tier] = deployment.bind(args, tier)
     router = serve.deployment(GenerationRouter, name="Router").options(**deployment_options(config, "Router"))
     router_app = router.bind(args, tiers["drafter"], tiers["slim"], tiers["full"])
-    ingress = serve.deployment(serve.ingress(app)(Ingress), name="Ingress")
+    ingress = serve.deployment(Ingress, name="Ingress")
     return ingress.options(**deployment_options(config, "Ingress")).bind(args, router_app)
 
 

@@ -6,7 +6,6 @@ and gRPC code; a stream that fails after it started ends with an error frame (SS
 gRPC status, never a silent stop.
 """
 
-from __future__ import annotations
 
 import json
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
 
 from via_sd_ray.config import parse_config
 from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError
@@ -40,6 +40,92 @@ def status_of(err: BaseException) -> tuple[int, str, str]:
     return 500, "INTERNAL", f"internal error: {type(err).__name__}: {err}"
 
 
+def from_proto(request: "pb.GenerateRequest") -> GenerateRequest:
+    """The GenerateRequest a gRPC request asks for (unset optional fields keep the defaults)."""
+    has = request.HasField
+    given = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
+    if sum(given) != 1:
+        raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids")
+    return GenerateRequest(
+        prompt=request.prompt or None,
+        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+        prompt_token_ids=list(request.prompt_token_ids) or None,
+        max_tokens=request.max_tokens if has("max_tokens") else None,
+        temperature=request.temperature if has("temperature") else 0.0,
+        top_p=request.top_p if has("top_p") else 1.0,
+        top_k=request.top_k if has("top_k") else 0,
+        seed=request.seed if has("seed") else None,
+        stop=list(request.stop),
+        ignore_eos=request.ignore_eos,
+        mode=request.mode or None,
+        lossless=request.lossless if has("lossless") else None,
+        block_size=request.block_size if has("block_size") else None,
+        direct_threshold=request.direct_threshold if has("direct_threshold") else None,
+        slim_threshold=request.slim_threshold if has("slim_threshold") else None,
+        escalate_threshold=request.escalate_threshold if has("escalate_threshold") else None,
+        **({"request_id": request.request_id} if request.request_id else {}),
+    )
+
+
+def stats_proto(stats: dict) -> "pb.Stats":
+    return pb.Stats(
+        blocks=stats["blocks"], proposed=stats["proposed"], accepted=stats["accepted"],
+        escalations=stats["escalations"], acceptance_rate=stats["acceptance_rate"],
+        tokens_per_second=stats["tokens_per_s"], elapsed_s=stats["elapsed_s"], tier_blocks=stats["tier_blocks"],
+        tier_tokens=stats["tier_tokens"], acceptance_per_position=stats["acceptance_per_position"],
+        mode=stats["mode"], lossless=stats["lossless"],
+    )
+
+
+def chunk_proto(event: dict) -> "pb.GenerateChunk":
+    chunk = pb.GenerateChunk(text=event["text"], token_ids=event["token_ids"], tier=event["tier"],
+                             finish_reason=event["finish_reason"] or "")
+    if event.get("usage"):
+        chunk.usage.CopyFrom(pb.Usage(**event["usage"]))
+        chunk.stats.CopyFrom(stats_proto(event["stats"]))
+    return chunk
+
+
+def _grpc_error(context, err: BaseException, empty):
+    _, code, message = status_of(err)
+    if context is not None:
+        context.set_code(getattr(grpc.StatusCode, code))
+        context.set_details(message)
+    return empty
+
+
+async def _json_body(http: Request) -> Any:
+    size = http.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {size}")
+    raw = await http.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {len(raw)}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InvalidRequest(f"body: expected UTF-8 text, received invalid byte at position {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise InvalidRequest(f"body: expected valid JSON, received a parse error at line {err.lineno} column "
+                             f"{err.colno}: {err.msg}") from None
+
+
+class _TooLarge(InvalidRequest):
+    http_status = 413
+
+
+def _error_response(err: BaseException) -> JSONResponse:
+    status, _, message = status_of(err)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(oa.error_body(message, status), status_code=status, headers=headers)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# Defined last: serve.ingress pickles the routes at import time, with the module globals they use.
+@serve.ingress(app)  # at import time, so every process (driver and replica) sees the same routes
 class Ingress:
     def __init__(self, args: dict[str, Any], router):
         self.config = parse_config(args)
@@ -125,7 +211,7 @@ class Ingress:
 
     # -- gRPC (method names are the RPC names of proto/via_sd.proto) ----------------------------
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+    async def Generate(self, request: "pb.GenerateRequest", grpc_context=None) -> "pb.GenerateResponse":
         try:
             self._check_model(request.model)
             first, events = await self._first(from_proto(request))
@@ -140,7 +226,7 @@ class Ingress:
                                    usage=pb.Usage(**last["usage"]), stats=stats_proto(last["stats"]),
                                    request_id=request.request_id)
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+    async def GenerateStream(self, request: "pb.GenerateRequest", grpc_context=None):
         try:
             self._check_model(request.model)
             first, events = await self._first(from_proto(request))
@@ -154,87 +240,3 @@ class Ingress:
         except Exception as err:
             _grpc_error(grpc_context, err, None)
             raise
-
-
-def from_proto(request: pb.GenerateRequest) -> GenerateRequest:
-    """The GenerateRequest a gRPC request asks for (unset optional fields keep the defaults)."""
-    has = request.HasField
-    given = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
-    if sum(given) != 1:
-        raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids")
-    return GenerateRequest(
-        prompt=request.prompt or None,
-        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
-        prompt_token_ids=list(request.prompt_token_ids) or None,
-        max_tokens=request.max_tokens if has("max_tokens") else None,
-        temperature=request.temperature if has("temperature") else 0.0,
-        top_p=request.top_p if has("top_p") else 1.0,
-        top_k=request.top_k if has("top_k") else 0,
-        seed=request.seed if has("seed") else None,
-        stop=list(request.stop),
-        ignore_eos=request.ignore_eos,
-        mode=request.mode or None,
-        lossless=request.lossless if has("lossless") else None,
-        block_size=request.block_size if has("block_size") else None,
-        direct_threshold=request.direct_threshold if has("direct_threshold") else None,
-        slim_threshold=request.slim_threshold if has("slim_threshold") else None,
-        escalate_threshold=request.escalate_threshold if has("escalate_threshold") else None,
-        **({"request_id": request.request_id} if request.request_id else {}),
-    )
-
-
-def stats_proto(stats: dict) -> pb.Stats:
-    return pb.Stats(
-        blocks=stats["blocks"], proposed=stats["proposed"], accepted=stats["accepted"],
-        escalations=stats["escalations"], acceptance_rate=stats["acceptance_rate"],
-        tokens_per_second=stats["tokens_per_s"], elapsed_s=stats["elapsed_s"], tier_blocks=stats["tier_blocks"],
-        tier_tokens=stats["tier_tokens"], acceptance_per_position=stats["acceptance_per_position"],
-        mode=stats["mode"], lossless=stats["lossless"],
-    )
-
-
-def chunk_proto(event: dict) -> pb.GenerateChunk:
-    chunk = pb.GenerateChunk(text=event["text"], token_ids=event["token_ids"], tier=event["tier"],
-                             finish_reason=event["finish_reason"] or "")
-    if event.get("usage"):
-        chunk.usage.CopyFrom(pb.Usage(**event["usage"]))
-        chunk.stats.CopyFrom(stats_proto(event["stats"]))
-    return chunk
-
-
-def _grpc_error(context, err: BaseException, empty):
-    _, code, message = status_of(err)
-    if context is not None:
-        context.set_code(getattr(grpc.StatusCode, code))
-        context.set_details(message)
-    return empty
-
-
-async def _json_body(http: Request) -> Any:
-    size = http.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {size}")
-    raw = await http.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {len(raw)}")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise InvalidRequest(f"body: expected UTF-8 text, received invalid byte at position {err.start}") from None
-    except json.JSONDecodeError as err:
-        raise InvalidRequest(f"body: expected valid JSON, received a parse error at line {err.lineno} column "
-                             f"{err.colno}: {err.msg}") from None
-
-
-class _TooLarge(InvalidRequest):
-    http_status = 413
-
-
-def _error_response(err: BaseException) -> JSONResponse:
-    status, _, message = status_of(err)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse(oa.error_body(message, status), status_code=status, headers=headers)
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -29,8 +29,10 @@ def generate(out: Path = OUT) -> list[Path]:
         written = []
         for name in ("via_sd_pb2.py", "via_sd_pb2_grpc.py"):
             text = (Path(tmp) / name).read_text()
-            # protoc writes a top-level import; the stubs live inside a package
+            # protoc assumes top-level modules; the stubs live inside a package (imports, and the
+            # module name the message classes carry, which pickling looks up)
             text = re.sub(r"^import via_sd_pb2 as", "from . import via_sd_pb2 as", text, flags=re.M)
+            text = text.replace("(DESCRIPTOR, 'via_sd_pb2', _globals)", "(DESCRIPTOR, __name__, _globals)")
             (out / name).write_text(text)
             written.append(out / name)
     (out / "__init__.py").write_text('"""Generated from proto/via_sd.proto by `python -m via_sd_ray.serving.protogen`."""\n')

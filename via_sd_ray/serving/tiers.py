@@ -13,6 +13,7 @@ failover) rebuilds it from token ids and continues.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ class TierServer:
         self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier)
         self.started = time.monotonic()
         self.failed: str | None = None  # set when the runner raised: the health check reports it
+        self._sweeper: asyncio.Task | None = None
 
     async def draft(self, call: DraftCall) -> Draft:
         return await self._call(call)
@@ -51,12 +53,22 @@ class TierServer:
         self.runner.release(generation_id)
 
     async def _call(self, call):
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         start = time.perf_counter()
         try:
             return await self.batcher.submit(call)
         finally:
             if self.metrics:
                 self.metrics.observe_call(self.tier, time.perf_counter() - start)
+
+    async def _sweep(self) -> None:
+        """Drop caches idle for longer than ``serving.cache_idle_timeout_s``."""
+        idle = self.config.serving.cache_idle_timeout_s
+        expire = getattr(self.runner, "expire", None)
+        while expire is not None:
+            await asyncio.sleep(min(idle / 2, 5.0))
+            expire(idle)
 
     def _run_batch(self, calls: list) -> list:
         if self.metrics:
