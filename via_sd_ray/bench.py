@@ -231,8 +231,6 @@ def run_bench(args) -> dict:
         raise ConfigError(f"--modes: expected a comma list of {MODES}, received {args.modes!r}")
     config = load_config(args.config, args.app)
     engine = LocalEngine(config)
-    if "hf-assisted" in modes and not hasattr(engine, "drafter_model") and config.models.drafter.source != PROMPT_LOOKUP:
-        raise ConfigError("--modes hf-assisted: expected a drafter model")
     prompts = load_prompts(args.num_prompts, args.split, args.prompts)
     prompt_ids = [engine.encode(p, chat=True) for p in prompts]
     print(f"{len(prompts)} prompts ({args.split} split), {args.max_tokens} tokens, modes {modes}", file=sys.stderr)

@@ -82,7 +82,8 @@ def test_partial_loading_reads_the_slim_layers(from_dir, tiny_dir):
     partial = load_model(ResolvedSource("dir", str(tiny_dir)), "float64", layers=SLIM)
     assert len(partial.model.layers) == len(SLIM)
     for new, orig in enumerate(SLIM):
-        assert torch.equal(partial.model.layers[new].mlp.down_proj.weight, from_dir.model.layers[orig].mlp.down_proj.weight)
+        assert torch.equal(partial.model.layers[new].mlp.down_proj.weight,
+                           from_dir.model.layers[orig].mlp.down_proj.weight)
     slim_logits, _ = logits(DecoderStack(from_dir, SLIM))
     assert torch.allclose(logits(DecoderStack(partial))[0], slim_logits, atol=1e-6)
     # and the comparison can tell layer sets apart

@@ -115,8 +115,8 @@ class Generation:
             k = min(policy.block_size, remaining - 1) if policy.uses_drafter else 0
             draft = Draft([], [])
             if k > 0:
-                draft = yield DraftCall(self.generation_id, self.committed, k, params, self._seed("draft", block_index),
-                                        policy.draft_stop_threshold)
+                draft = yield DraftCall(self.generation_id, self.committed, k, params,
+                                        self._seed("draft", block_index), policy.draft_stop_threshold)
             confidence = block_confidence(draft.token_probs, policy.score)
             tier = self._route(draft, confidence)
             record = BlockRecord(tier=tier, proposed=len(draft.tokens), confidence=confidence)
@@ -160,7 +160,8 @@ class Generation:
         return head + full.tokens(tail)
 
     def _verify_call(self, tier, committed, block, draft_probs, block_index, return_probs=False) -> VerifyCall:
-        return VerifyCall(tier, self.generation_id, committed, list(block), self.params, self._seed("verify", tier.value, block_index),
+        return VerifyCall(tier, self.generation_id, committed, list(block), self.params,
+                          self._seed("verify", tier.value, block_index),
                           None if self.params.greedy else draft_probs, return_probs)
 
     def _seed(self, *salt) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 _PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the CPU int8 kernel takes
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-
 SOURCE_PREFIX = "tiny-random:"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)

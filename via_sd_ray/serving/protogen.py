@@ -35,7 +35,8 @@ def generate(out: Path = OUT) -> list[Path]:
             text = text.replace("(DESCRIPTOR, 'via_sd_pb2', _globals)", "(DESCRIPTOR, __name__, _globals)")
             (out / name).write_text(text)
             written.append(out / name)
-    (out / "__init__.py").write_text('"""Generated from proto/via_sd.proto by `python -m via_sd_ray.serving.protogen`."""\n')
+    header = '"""Generated from proto/via_sd.proto by `python -m via_sd_ray.serving.protogen`."""\n'
+    (out / "__init__.py").write_text(header)
     return written
 
 
