@@ -49,7 +49,7 @@ def test_errors_name_field_expected_received(args, field, received):
 
 
 def test_threshold_order_is_checked():
-    with pytest.raises(ConfigError, match="slim_threshold <= direct_threshold"):
+    with pytest.raises(ConfigError, match="slim_threshold: expected a value <= direct_threshold"):
         parse_config({"router": {"direct_threshold": 0.5, "slim_threshold": 0.7}})
 
 

@@ -89,7 +89,7 @@ class RouterConfig(_Strict):
     def _ordered(self):
         if self.slim_threshold > self.direct_threshold:
             raise ValueError(
-                f"thresholds out of order: expected slim_threshold <= direct_threshold, received "
+                f"slim_threshold: expected a value <= direct_threshold (thresholds in order), received "
                 f"slim_threshold={self.slim_threshold}, direct_threshold={self.direct_threshold}"
             )
         return self

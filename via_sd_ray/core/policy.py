@@ -79,7 +79,7 @@ class RouterPolicy:
                 raise ConfigError(f"router.{name}: expected a number in [0, 1], received {value!r}")
         if self.slim_threshold > self.direct_threshold:
             raise ConfigError(
-                "router thresholds out of order: expected slim_threshold <= direct_threshold, received "
+                "router.slim_threshold: expected a value <= direct_threshold (thresholds in order), received "
                 f"slim_threshold={self.slim_threshold}, direct_threshold={self.direct_threshold}"
             )
         if self.score not in SCORES:

@@ -14,11 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 class MicroBatcher:
-    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 8, name: str = "batch"):
+    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 8, name: str = "batch",
+                 threads: int | None = None):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self._queue: list[tuple[object, asyncio.Future]] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # torch's OpenMP thread count is per thread: set it on the worker that runs the batches
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                            initializer=_set_threads if threads else None,
+                                            initargs=(threads,) if threads else ())
         self._worker: asyncio.Task | None = None
         self.batches = 0
         self.items = 0
@@ -46,14 +50,17 @@ class MicroBatcher:
             start = loop.time()
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
-            except Exception as err:  # the whole batch failed: every caller gets the error
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
-            else:
-                for (_, future), result in zip(batch, results, strict=True):
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} calls")
+                for (_, future), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
+            except BaseException as err:  # the whole batch failed (or the worker was cancelled): tell every caller
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err if isinstance(err, Exception) else RuntimeError("batch cancelled"))
+                if not isinstance(err, Exception):
+                    raise
             finally:
                 self.batches += 1
                 self.items += len(batch)
@@ -61,3 +68,9 @@ class MicroBatcher:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ class Sample:
     tokens: int
     elapsed: float
     ttft: float
+    token_ids: list[int] | None = None
 
     @property
     def tpot(self) -> float:
@@ -54,12 +55,13 @@ def http_stream(client, model: str, prompt: str, max_tokens: int) -> Sample:
 def grpc_stream(stub, pb, prompt: str, max_tokens: int) -> Sample:
     start, first, tokens = time.perf_counter(), None, 0
     request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=prompt)], max_tokens=max_tokens)
+    ids = []
     for chunk in stub.GenerateStream(request, timeout=600):
         if first is None and chunk.token_ids:
             first = time.perf_counter() - start
-        tokens += len(chunk.token_ids)
+        ids += chunk.token_ids
     elapsed = time.perf_counter() - start
-    return Sample(tokens, elapsed, first if first is not None else elapsed)
+    return Sample(len(ids), elapsed, first if first is not None else elapsed, ids)
 
 
 def local_stream(engine, prompt: str, max_tokens: int) -> Sample:
@@ -71,7 +73,8 @@ def local_stream(engine, prompt: str, max_tokens: int) -> Sample:
         if first is None and event.token_ids:
             first = time.perf_counter() - start
     elapsed = time.perf_counter() - start
-    return Sample(len(generation.output_ids), elapsed, first if first is not None else elapsed)
+    return Sample(len(generation.output_ids), elapsed, first if first is not None else elapsed,
+                  list(generation.output_ids))
 
 
 def summarize(samples: list[Sample], wall: float | None = None) -> dict:
@@ -135,6 +138,10 @@ def run_serving_bench(args) -> dict:
         base = single_summary["local"]["tokens_per_s"]
         for k in ("grpc", "http"):
             single_summary[k]["over_local"] = single_summary[k]["tokens_per_s"] / base if base else None
+        same = [a.token_ids == b.token_ids for a, b in zip(single["grpc"], single["local"])]
+        single_summary["grpc"]["same_tokens_as_local"] = f"{sum(same)}/{len(same)}"
+    single_summary["per_prompt_tokens_per_s"] = {
+        k: [round(s.tokens / s.elapsed, 3) for s in v] for k, v in single.items()}
     sweep = {}
     for c in levels:
         work = [prompts[i % len(prompts)] for i in range(max(len(prompts), 2 * c))]
@@ -167,8 +174,10 @@ def run_serving_bench(args) -> dict:
 def print_tables(record: dict) -> None:
     print(f"{'single stream':14s} {'tok/s':>7s} {'x local':>8s} {'TTFT ms':>8s} {'TPOT ms':>8s}")
     for k, v in record["single_stream"].items():
+        if k == "per_prompt_tokens_per_s":
+            continue
         ratio = v.get("over_local")
-        print(f"{k:14s} {v['tokens_per_s']:7.2f} {ratio if ratio is None else f'{ratio:8.2f}':>8} "
+        print(f"{k:14s} {v['tokens_per_s']:7.2f} {'-' if ratio is None else f'{ratio:.2f}':>8s} "
               f"{v['ttft_ms_p50']:8.0f} {v['tpot_ms_p50'] or 0:8.0f}")
     print(f"{'concurrency':14s} {'tok/s':>7s} {'x c=1':>8s} {'TTFT p50':>8s} {'TTFT p90':>8s} {'TPOT p50':>8s} "
           f"{'TPOT p90':>8s}")

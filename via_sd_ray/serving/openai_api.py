@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from via_sd_ray.config import format_validation_error
 from via_sd_ray.errors import InvalidRequest
@@ -21,7 +21,7 @@ from via_sd_ray.serving.router import GenerateRequest
 
 
 class ViaSDOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: Literal["ar", "sd", "via-sd"] | None = None
     lossless: bool | None = None
@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent "10" -> 10 or true -> 1
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -62,7 +62,7 @@ class _Common(BaseModel):
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > 4 or not all(stops):
-            raise ValueError("up to 4 non-empty stop strings")
+            raise ValueError(f"expected up to 4 non-empty stop strings, received {value!r}")
         return stops
 
     def generate_request(self, **prompt) -> GenerateRequest:
@@ -122,11 +122,12 @@ class ChatCompletionRequest(_Common):
     tool_choice: None = None
     response_format: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _text_only(self):
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format: expected {'type': 'text'} (structured output is not supported)")
-        return self
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value not in (None, {"type": "text"}):
+            raise ValueError(f"expected {{'type': 'text'}} (structured output is not supported), received {value!r}")
+        return value
 
     def to_generate(self) -> GenerateRequest:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -197,6 +198,6 @@ def usage_chunk(request_id: str, model: str, last_event: dict, chat: bool) -> di
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
             413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-    if param is None and ":" in message:
+    if param is None and status < 500 and ":" in message:  # a server error names no request field
         param = message.split(":", 1)[0].split(" ")[0]
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}

@@ -84,7 +84,8 @@ class GenerationRouter:
     def encode(self, request: GenerateRequest) -> list[int]:
         given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
         if sum(given) != 1:
-            raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids")
+            raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids, received "
+                                 f"{sum(given)}")
         tok = self.text.tokenizer
         if request.messages is not None:
             if not request.messages:
@@ -100,7 +101,7 @@ class GenerationRouter:
         else:
             vocab = len(tok)
             ids = list(request.prompt_token_ids)
-            if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            if not ids or not all(type(t) is int and 0 <= t < vocab for t in ids):
                 raise InvalidRequest(f"prompt_token_ids: expected a non-empty list of token ids in [0, {vocab})")
         if not ids:
             raise InvalidRequest("prompt: expected at least one token, received a prompt that encodes to none")
@@ -140,8 +141,11 @@ class GenerationRouter:
         prompt_ids = self.encode(request)
         params = self.sampling(request, len(prompt_ids))
         policy = self.policy(request)
+        generation_id = request.request_id
+        while generation_id in self.active:  # a client reused an id: keep the generations' caches apart
+            generation_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         generation = Generation(prompt_ids, params, policy, self.text.eos_token_ids, self.text.max_context,
-                                self.text.decode, generation_id=request.request_id)
+                                self.text.decode, generation_id=generation_id)
         detok = IncrementalText(self.text.decode, params.stop)
         start = time.perf_counter()
         self.active.add(generation.generation_id)

@@ -37,7 +37,8 @@ class TierServer:
         self.tier = tier
         self.runner = runner if runner is not None else build_tier(self.config, tier)
         self.metrics = metrics if metrics is not None else _default_metrics(tier)
-        self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier)
+        self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier,
+                                    threads=self.config.threads)
         self.started = time.monotonic()
         self.failed: str | None = None  # set when the runner raised: the health check reports it
         self._sweeper: asyncio.Task | None = None
@@ -53,7 +54,7 @@ class TierServer:
         self.runner.release(generation_id)
 
     async def _call(self, call):
-        if self._sweeper is None:
+        if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         start = time.perf_counter()
         try:
