@@ -146,6 +146,8 @@ def _default_deployments() -> dict[str, DeploymentOptions]:
 class ServingConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=256, description="Most generations a tier replica runs in one forward "
                             "pass.")
+    batch_wait_ms: float = Field(100.0, ge=0, le=1000, description="Longest a tier batch waits for the calls of "
+                                 "other active generations (it waits at most half a typical batch time; 0: never).")
     tier_retries: int = Field(2, ge=0, le=10, description="Retries of a tier call that failed because its "
                               "replica died or was unreachable (the replacement rebuilds the KV cache).")
     tier_timeout_s: float = Field(120.0, gt=0, description="Longest one tier call may take.")

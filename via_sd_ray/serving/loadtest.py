@@ -53,7 +53,7 @@ def http_stream(client, model: str, prompt: str, max_tokens: int) -> Sample:
 
 
 def grpc_stream(stub, pb, prompt: str, max_tokens: int) -> Sample:
-    start, first, tokens = time.perf_counter(), None, 0
+    start, first = time.perf_counter(), None
     request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=prompt)], max_tokens=max_tokens)
     ids = []
     for chunk in stub.GenerateStream(request, timeout=600):

@@ -38,16 +38,24 @@ class TierServer:
         self.runner = runner if runner is not None else build_tier(self.config, tier)
         self.metrics = metrics if metrics is not None else _default_metrics(tier)
         self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier,
-                                    threads=self.config.threads)
+                                    threads=self.config.threads, expected=self._active_generations,
+                                    max_wait_s=self.config.serving.batch_wait_ms / 1000)
         self.started = time.monotonic()
         self.failed: str | None = None  # set when the runner raised: the health check reports it
         self._sweeper: asyncio.Task | None = None
+        self.batch_profile: dict[int, list[float]] = {}  # batch size -> [batches, seconds, forward tokens]
 
     async def draft(self, call: DraftCall) -> Draft:
         return await self._call(call)
 
     async def verify(self, call: VerifyCall) -> Verdict:
         return await self._call(call)
+
+    def _active_generations(self, window_s: float = 2.0) -> int:
+        """Generations that called this replica in the last ``window_s`` seconds."""
+        last_used = getattr(self.runner, "last_used", {})
+        now = time.monotonic()
+        return sum(1 for t in list(last_used.values()) if now - t < window_s)
 
     async def release(self, generation_id: str) -> None:
         """Drop the generation's KV cache (it finished or was cancelled)."""
@@ -75,6 +83,7 @@ class TierServer:
         if self.metrics:
             self.metrics.observe_batch(self.tier, len(calls))
         before = _cache_counters(self.runner)
+        start, tokens_before = time.perf_counter(), _forward_tokens(self.runner)
         try:
             if isinstance(calls[0], DraftCall):
                 return self.runner.draft_batch(calls)
@@ -84,6 +93,10 @@ class TierServer:
                 self.failed = f"{type(err).__name__}: {err}"
             raise
         finally:
+            entry = self.batch_profile.setdefault(len(calls), [0, 0.0, 0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - start
+            entry[2] += _forward_tokens(self.runner) - tokens_before
             if self.metrics:
                 after = _cache_counters(self.runner)
                 self.metrics.count_cache(self.tier, after[0] - before[0], after[1] - before[1])
@@ -102,6 +115,8 @@ class TierServer:
             "batched_calls": self.batcher.items,
             "busy_seconds": self.batcher.busy_seconds,
             "uptime_s": time.monotonic() - self.started,
+            "batch_profile": {size: {"batches": n, "seconds": sec, "forward_tokens": tok}
+                              for size, (n, sec, tok) in sorted(self.batch_profile.items())},
             **({k: getattr(runner_stats, k) for k in vars(runner_stats)} if runner_stats else {}),
         }
 
@@ -118,6 +133,11 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Serve replica (unit tests)
         return "local"
+
+
+def _forward_tokens(runner) -> int:
+    stats = getattr(runner, "stats", None)
+    return stats.forward_tokens if stats else 0
 
 
 def _cache_counters(runner) -> tuple[int, int]:
