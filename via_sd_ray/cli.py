@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
     cal.add_argument("--cache", default=None, help="JSON file to keep / reuse the reference completions in")
+
+    k8s = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
+    ksub = k8s.add_subparsers(dest="k8s_command", required=True)
+    render = ksub.add_parser("render", help="fill the RayService template's serveConfigV2 from a Serve config")
+    render.add_argument("--config", default="deployments/via_sd.gpu.yaml", help="the Serve config to embed")
+    render.add_argument("--template", default="k8s/rayservice.template.yaml")
+    render.add_argument("--out", default="k8s/rayservice.yaml")
+    render.add_argument("--app-root", default=None, help="the project root inside the image (default: its WORKDIR)")
+    render.add_argument("--check", action="store_true", help="exit 1 when --out is not what render writes")
     return parser
 
 
@@ -109,6 +118,10 @@ def _run(args) -> int:
 
         run_calibration(args)
         return 0
+    if args.command == "k8s":
+        from via_sd_ray.deploy.k8s import run_render
+
+        return run_render(args)
     raise AssertionError(args.command)
 
 

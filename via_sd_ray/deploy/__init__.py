@@ -1,0 +1,1 @@
+"""Deploying via-sd-ray beyond one machine: Kubernetes manifests rendered from the Serve config."""
