@@ -58,3 +58,17 @@ def test_missing_file_and_profile(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="profile: expected an existing profile file"):
         load_config(write(tmp_path, {"profile": "missing.yaml"}))
+
+
+def test_device_names_are_checked_and_a_missing_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="models.verifier.device"):
+        parse_config({"models": {"verifier": {"device": "tpu"}}})
+    from via_sd_ray.models.tiers import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    import torch
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device"):
+            resolve_device("cuda:0")

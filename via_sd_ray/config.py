@@ -31,6 +31,8 @@ class ModelConfig(_Strict):
     dtype: DTypeName = Field("bfloat16", description="Weight and activation dtype (bf16 is fastest on CPU here).")
     revision: str | None = Field(None, description="Hub revision, for Hugging Face ids.")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the tier runs: cpu, cuda, "
+                        "cuda:N, or auto (the GPU Ray gave the replica, if any, else cpu).")
     quantization: Literal["none", "int8-weight-only", "int4-weight-only"] = Field(
         "none", description="Weight-only int8 (per channel) or int4 (groups of 32) for every linear layer: "
         "2.5-3.5x faster decoding on CPU.")
@@ -148,6 +150,11 @@ class ServingConfig(_Strict):
                             "pass.")
     batch_wait_ms: float = Field(100.0, ge=0, le=1000, description="Longest a tier batch waits for the calls of "
                                  "other active generations (it waits at most half a typical batch time; 0: never).")
+    verify_token_budget: int | None = Field(None, ge=2, description="Load-adaptive blocks: the tokens a "
+                                            "verify pass should carry for all active generations together; "
+                                            "blocks shrink as generations are added, and below min_block "
+                                            "generations decode without drafts. null: blocks never shrink.")
+    min_block: int = Field(2, ge=1, description="Shortest block worth drafting under load (verify_token_budget).")
     tier_retries: int = Field(2, ge=0, le=10, description="Retries of a tier call that failed because its "
                               "replica died or was unreachable (the replacement rebuilds the KV cache).")
     tier_timeout_s: float = Field(120.0, gt=0, description="Longest one tier call may take.")

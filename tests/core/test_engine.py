@@ -382,3 +382,22 @@ def test_sampled_lossy_via_sd_does_not_follow_the_full_model():
     freq, tiers_seen = sampled_first_two(tables, RouterPolicy(**MIXED), n)
     assert tiers_seen["direct"] > 0
     assert tv_distance(freq, exact_first_two(tables["full"])) > 2 * tv_bound(VS * VS, n)
+
+
+def test_a_block_cap_shortens_blocks_as_it_changes_and_keeps_greedy_output():
+    tables = toy_tables()
+    want = run(toy_table_tiers(tables), greedy(max_tokens=16), RouterPolicy(mode="ar"), prompt=[0])[0].output_ids
+    caps = iter([4, 2, 0, 0, 1, 3] + [4] * 20)  # the load changes between blocks
+    seen = []
+
+    def cap():
+        seen.append(next(caps))
+        return seen[-1]
+
+    toy = toy_table_tiers(tables)
+    generation, _ = run(toy, greedy(max_tokens=16), RouterPolicy(mode="sd", block_size=3), prompt=[0], block_cap=cap)
+    assert generation.output_ids == want
+    proposed = [r.proposed for r in generation.stats.records]
+    assert all(p <= min(3, c) for p, c in zip(proposed, seen))
+    assert proposed[2:4] == [0, 0]  # cap 0: the full verifier decodes one token, nothing is drafted
+    assert len(toy.drafter.drafts) == sum(1 for p in proposed if p)

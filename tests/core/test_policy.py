@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from via_sd_ray.core.policy import Mode, RouterPolicy, Tier, block_confidence
+from via_sd_ray.core.policy import Mode, RouterPolicy, Tier, block_confidence, load_block_cap
 from via_sd_ray.errors import ConfigError
 
 THRESHOLDS = dict(direct_threshold=0.9, slim_threshold=0.4, escalate_threshold=0.7)
@@ -136,3 +136,12 @@ def test_policy_is_immutable():
     policy = RouterPolicy()
     with pytest.raises(AttributeError):
         policy.direct_threshold = 0.1
+
+
+@pytest.mark.parametrize("active, budget, expected", [
+    (1, None, None),  # no budget: no cap
+    (1, 24, 23), (4, 24, 5), (8, 24, 2), (9, 24, 0),  # 24 // 9 - 1 = 1 < min_block: decode without drafts
+    (0, 24, 23),  # the first generation counts as one
+])
+def test_load_block_cap_spreads_the_verify_budget_over_active_generations(active, budget, expected):
+    assert load_block_cap(active, budget, min_block=2) == expected

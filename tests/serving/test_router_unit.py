@@ -156,6 +156,27 @@ def test_concurrent_generations_equal_one_by_one(local_engine, make):
     assert drafter.batches < drafter.items  # calls of different generations ran in one batch
 
 
+
+def test_blocks_shrink_with_load_and_outputs_stay_equal(local_engine, make):
+    # a budget of 6 verify tokens: one generation drafts blocks of up to 5, three decode without drafts
+    router, clients = make(config_with(verify_token_budget=6, min_block=2))
+    drafter = clients["drafter"].server.batcher
+    alone = run(collect(router, GenerateRequest(prompt=PROMPTS[0], max_tokens=24, mode="sd")))
+    assert drafter.items >= len(alone) - 1  # alone, every block but maybe the last one is drafted
+    requests = [GenerateRequest(prompt=p, max_tokens=24, mode="sd") for p in PROMPTS]
+
+    async def run_all():
+        return await asyncio.gather(*(collect(router, r) for r in requests))
+
+    drafts_before = drafter.items
+    outputs = run(run_all())
+    for request, events in zip(requests, outputs):
+        want = reference(local_engine, local_engine.encode(request.prompt), 24, "sd")
+        assert [t for e in events for t in e["token_ids"]] == want.token_ids, request.prompt
+    # together, most blocks carried no draft (the last generations alone draft again)
+    assert drafter.items - drafts_before < sum(len(e) for e in outputs) / 2
+
+
 # -- request errors -----------------------------------------------------------------------------------
 
 BAD = [

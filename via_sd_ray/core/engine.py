@@ -89,6 +89,7 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where the output text ends when a stop string matched
+    block_cap: Callable[[], int | None] | None = None  # load-adaptive limit on draft tokens, read every block
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -113,6 +114,9 @@ class Generation:
         while self.finish_reason is None:
             remaining = params.max_tokens - len(self.output_ids)
             k = min(policy.block_size, remaining - 1) if policy.uses_drafter else 0
+            cap = self.block_cap() if self.block_cap else None
+            if cap is not None:
+                k = min(k, cap)
             draft = Draft([], [])
             if k > 0:
                 draft = yield DraftCall(self.generation_id, self.committed, k, params,

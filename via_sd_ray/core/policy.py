@@ -52,6 +52,21 @@ def block_confidence(token_probs: list[float], score: str = "min") -> float:
     raise ConfigError(f"router.score: expected one of {SCORES}, received {score!r}")
 
 
+def load_block_cap(active: int, verify_token_budget: int | None, min_block: int = 2) -> int | None:
+    """The most draft tokens a block may carry while ``active`` generations share the verifier.
+
+    A batched verify pass costs about the same up to some number of tokens, then grows with
+    them (compute bound). Spreading a budget of ``verify_token_budget`` tokens per pass over
+    the active generations (each verifies its block plus one) keeps the batch inside it; a
+    block shorter than ``min_block`` does not pay for its drafting, so the generation then
+    decodes token by token (0: no draft). ``None``: no cap (no budget set).
+    """
+    if not verify_token_budget:
+        return None
+    cap = verify_token_budget // max(active, 1) - 1
+    return cap if cap >= min_block else 0
+
+
 @dataclass(frozen=True)
 class RouterPolicy:
     """Thresholds and block shape of the block router. Immutable: adaptive state lives elsewhere."""

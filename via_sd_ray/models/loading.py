@@ -96,10 +96,10 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def load_model(resolved: ResolvedSource, dtype: str = "bfloat16", layers: list[int] | None = None,
-               attn_implementation: str = "sdpa", quantization: str = "none"):
-    """A Hugging Face causal LM in eval mode. With ``layers``, only those decoder layers are read
-    and the model holds them re-indexed from 0 (a slim-verifier-only process)."""
-    model = _load(resolved, DTYPES[dtype], layers, attn_implementation)
+               attn_implementation: str = "sdpa", quantization: str = "none", device: str = "cpu"):
+    """A Hugging Face causal LM in eval mode on ``device``. With ``layers``, only those decoder
+    layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process)."""
+    model = _load(resolved, DTYPES[dtype], layers, attn_implementation).to(device)
     try:
         return quantize(model, quantization)
     except ValueError as err:

@@ -133,7 +133,8 @@ class TierRunner:
 
     def _forward_batch(self, token_lists: list[list[int]], caches: list[KVCache], num_logits: list[int]):
         self.stats.forward_tokens += sum(len(t) for t in token_lists)
-        return self.stack.forward_batch(token_lists, caches, num_logits)
+        # sampling and verification run on the CPU: seeded CPU generators give the same tokens on every device
+        return [rows.to("cpu") for rows in self.stack.forward_batch(token_lists, caches, num_logits)]
 
     def _sync(self, generation_id: str, committed: list[int]) -> tuple[KVCache, list[int]]:
         """The generation's cache, rolled back to what it shares with ``committed``, and the

@@ -33,7 +33,20 @@ class TextInfo:
 
 def load(cfg: ModelConfig, layers: list[int] | None = None):
     return load_model(resolve(cfg.source, cfg.revision), cfg.dtype, layers=layers,
-                      attn_implementation=cfg.attn_implementation, quantization=cfg.quantization)
+                      attn_implementation=cfg.attn_implementation, quantization=cfg.quantization,
+                      device=resolve_device(cfg.device))
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: the first visible GPU (Ray sets CUDA_VISIBLE_DEVICES per replica), else the CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"models.*.device: expected a device this process has (cpu), received {name!r}: "
+                          "no GPU is visible here")
+    return name
 
 
 def build_drafter(config: EngineConfig, verifier_vocab: int) -> TierRunner | PromptLookupDrafter:

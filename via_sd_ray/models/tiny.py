@@ -26,6 +26,9 @@ SPECS = {
     "verifier": dict(seed=0, head_noise=0.0),
     # the verifier with noise on its LM head: agrees on ~60% of tokens, more where it is confident
     "drafter": dict(seed=0, head_noise=0.3),
+    # a verifier ~10x the drafter's compute, like the real pairs (tests of per-tier load and autoscaling)
+    "verifier-wide": dict(seed=0, head_noise=0.0, arch=dict(num_hidden_layers=8, hidden_size=384,
+                                                            intermediate_size=1536, num_attention_heads=8)),
 }
 
 
@@ -61,7 +64,7 @@ def tiny_model(name: str = "verifier", dtype: torch.dtype = torch.float32, model
         raise KeyError(f"unknown tiny model {name!r}; expected one of {sorted(SPECS)}") from None
     config = AutoConfig.for_model(
         model_type, vocab_size=VOCAB_SIZE, tie_word_embeddings=False, eos_token_id=VOCAB_SIZE - 1,
-        bos_token_id=None, pad_token_id=VOCAB_SIZE - 3, **ARCH,
+        bos_token_id=None, pad_token_id=VOCAB_SIZE - 3, **{**ARCH, **spec.get("arch", {})},
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(spec["seed"])

@@ -34,10 +34,20 @@ class MicroBatcher:
         self.items = 0
         self.busy_seconds = 0.0
         self.typical_batch_s = 0.0  # moving average of batch durations
+        self._running: tuple[float, int] | None = None  # (start, calls) of the batch on the worker now
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Calls in the batch on the worker now."""
+        return self._running[1] if self._running else 0
+
+    def busy_seconds_now(self, now: float) -> float:
+        """Seconds spent running batches so far, the running one included (``now``: event-loop time)."""
+        return self.busy_seconds + (now - self._running[0] if self._running else 0.0)
 
     async def submit(self, item):
         """Run ``item`` in the next batch and return its result (or raise its error)."""
@@ -56,6 +66,7 @@ class MicroBatcher:
             if not batch:
                 continue
             start = loop.time()
+            self._running = (start, len(batch))
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
                 if len(results) != len(batch):
@@ -71,6 +82,7 @@ class MicroBatcher:
                     raise
             finally:
                 took = loop.time() - start
+                self._running = None
                 self.batches += 1
                 self.items += len(batch)
                 self.busy_seconds += took

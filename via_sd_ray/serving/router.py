@@ -19,7 +19,7 @@ from typing import Any
 
 from via_sd_ray.config import EngineConfig, parse_config
 from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall
-from via_sd_ray.core.policy import Mode
+from via_sd_ray.core.policy import Mode, load_block_cap
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.errors import ConfigError, InvalidRequest, TierUnavailable, ViaSDError
 from via_sd_ray.models.detok import IncrementalText
@@ -144,8 +144,11 @@ class GenerationRouter:
         generation_id = request.request_id
         while generation_id in self.active:  # a client reused an id: keep the generations' caches apart
             generation_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        serving = self.config.serving
         generation = Generation(prompt_ids, params, policy, self.text.eos_token_ids, self.text.max_context,
-                                self.text.decode, generation_id=generation_id)
+                                self.text.decode, generation_id=generation_id,
+                                block_cap=lambda: load_block_cap(len(self.active), serving.verify_token_budget,
+                                                                 serving.min_block))
         detok = IncrementalText(self.text.decode, params.stop)
         start = time.perf_counter()
         self.active.add(generation.generation_id)

@@ -44,6 +44,7 @@ class TierServer:
         self.failed: str | None = None  # set when the runner raised: the health check reports it
         self._sweeper: asyncio.Task | None = None
         self.batch_profile: dict[int, list[float]] = {}  # batch size -> [batches, seconds, forward tokens]
+        self._last_report: tuple[float, float] | None = None  # (loop time, busy seconds) at the last report
 
     async def draft(self, call: DraftCall) -> Draft:
         return await self._call(call)
@@ -100,6 +101,23 @@ class TierServer:
             if self.metrics:
                 after = _cache_counters(self.runner)
                 self.metrics.count_cache(self.tier, after[0] - before[0], after[1] - before[1])
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The tier's load, pushed to the Serve controller for ``autoscaling.TierLoadPolicy``.
+
+        ``busy_fraction``: share of the time since the last report the model spent in forward
+        passes; ``queued_calls``: calls waiting or running now; ``active_generations``: those that
+        called in the last 2 s.
+        """
+        now = asyncio.get_running_loop().time()
+        busy = self.batcher.busy_seconds_now(now)
+        last_time, last_busy = self._last_report or (now - 1e-9, busy)
+        self._last_report = (now, busy)
+        return {
+            "busy_fraction": min(1.0, max(0.0, (busy - last_busy) / max(now - last_time, 1e-9))),
+            "queued_calls": float(self.batcher.queued + self.batcher.running),
+            "active_generations": float(self._active_generations()),
+        }
 
     def stats(self) -> dict[str, Any]:
         """What this replica holds and has done (tests, debugging, autoscaling signals)."""
