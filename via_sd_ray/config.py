@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from via_sd_ray.core.policy import SCORES, Mode, RouterPolicy
 from via_sd_ray.errors import ConfigError
@@ -50,6 +50,28 @@ class DrafterConfig(ModelConfig):
 
 class VerifierConfig(ModelConfig):
     source: str = Field("qwen2.5-coder-1.5b-instruct", description="As for models.")
+    engine: Literal["hf", "deepspeed"] = Field("hf", description="What runs the verifier tiers' modules (the slim "
+                                               "verifier runs on the full verifier's engine): hf, the transformers "
+                                               "modules as loaded; deepspeed, the model wrapped by "
+                                               "deepspeed.init_inference with AutoTP tensor parallelism (needs "
+                                               "`pip install 'via-sd-ray[deepspeed]'`).")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks sharing each verifier tier's weights and "
+                                      "KV heads (engine deepspeed). Served, a tier replica owns a placement group "
+                                      "of this many bundles (serving.deployments.<tier>.placement_group_bundles) "
+                                      "and starts the other ranks as Ray actors in them.")
+
+    @model_validator(mode="after")
+    def _engine_fits(self):
+        if self.tensor_parallel_size > 1 and self.engine != "deepspeed":
+            raise ValueError(f"tensor_parallel_size: expected 1 with engine {self.engine!r} (tensor parallelism "
+                             f"needs engine 'deepspeed'), received {self.tensor_parallel_size}")
+        if self.engine == "deepspeed" and self.dtype == "float64":
+            raise ValueError("dtype: expected float32, bfloat16 or float16 with engine 'deepspeed' (DeepSpeed "
+                             "inference takes no float64), received 'float64'")
+        if self.tensor_parallel_size > 1 and self.quantization != "none":
+            raise ValueError(f"quantization: expected 'none' with tensor_parallel_size > 1 (AutoTP shards "
+                             f"nn.Linear layers only), received {self.quantization!r}")
+        return self
 
 
 class ModelsConfig(_Strict):
@@ -118,7 +140,12 @@ class DeploymentOptions(_Strict):
 
     num_replicas: int | Literal["auto"] | None = Field(None, description="Fixed replica count, or 'auto'.")
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica runs at once.")
-    max_queued_requests: int | None = Field(None, ge=-1, description="Requests queued per caller before 429.")
+    max_queued_requests: int | None = Field(None, ge=-1, description="Requests queued per caller (the proxy, or "
+                                            "the deployment calling this one) before the rest are refused "
+                                            "(backpressure_config); -1: no limit.")
+    backpressure_config: dict[str, Any] | None = Field(None, description="Serve BackpressureConfig of requests "
+                                                       "refused over max_queued_requests: status_code (429 or "
+                                                       "503) and retry_after_s (the Retry-After header).")
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config (min/max "
                                                       "replicas, targets, policy).")
     ray_actor_options: dict[str, Any] | None = Field(None, description="num_cpus, num_gpus, resources, "
@@ -126,21 +153,35 @@ class DeploymentOptions(_Strict):
     placement_group_bundles: list[dict[str, float]] | None = Field(None, description="Resource bundles of one "
                                                                    "replica (tensor-parallel workers).")
     placement_group_strategy: str | None = Field(None, description="PACK, STRICT_PACK, SPREAD, ...")
+    placement_group_bundle_label_selector: list[dict[str, str]] | None = Field(
+        None, description="Node labels per bundle (one selector for all bundles, or one per bundle), e.g. "
+        "{ray.io/accelerator-type: H100}.")
     max_replicas_per_node: int | None = Field(None, ge=1)
     health_check_period_s: float | None = Field(None, gt=0)
     health_check_timeout_s: float | None = Field(None, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
     graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_limit(cls, value):
+        if value == 0:
+            raise ValueError("expected -1 (no limit) or a positive integer, received 0")
+        return value
+
     def serve_options(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+# Requests refused over max_queued_requests get 429 and Retry-After (Serve's default: 503, no header).
+FRONT_BACKPRESSURE = {"status_code": 429, "retry_after_s": 1.0}
 
 
 def _default_deployments() -> dict[str, DeploymentOptions]:
     tier = DeploymentOptions(num_replicas=1, max_ongoing_requests=64)
     return {
-        "Ingress": DeploymentOptions(num_replicas=1, max_ongoing_requests=256),
-        "Router": DeploymentOptions(num_replicas=1, max_ongoing_requests=64),
+        "Ingress": DeploymentOptions(num_replicas=1, max_ongoing_requests=256, backpressure_config=FRONT_BACKPRESSURE),
+        "Router": DeploymentOptions(num_replicas=1, max_ongoing_requests=64, backpressure_config=FRONT_BACKPRESSURE),
         "Drafter": tier, "SlimVerifier": tier, "FullVerifier": tier,
     }
 
@@ -158,6 +199,9 @@ class ServingConfig(_Strict):
     tier_retries: int = Field(2, ge=0, le=10, description="Retries of a tier call that failed because its "
                               "replica died or was unreachable (the replacement rebuilds the KV cache).")
     tier_timeout_s: float = Field(120.0, gt=0, description="Longest one tier call may take.")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest request the "
+                                   "Ingress reads: an HTTP body (larger gets 413) or a gRPC request message "
+                                   "(larger gets INVALID_ARGUMENT).")
     affinity: bool = Field(True, description="Route every tier call of a generation to the replica holding its "
                            "KV cache (session affinity on the generation id).")
     cache_idle_timeout_s: float = Field(60.0, gt=0, description="A tier replica drops a generation's KV cache "

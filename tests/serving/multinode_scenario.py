@@ -26,8 +26,11 @@ import time
 TIERS = ("Drafter", "SlimVerifier", "FullVerifier")
 RESOURCE = {"Drafter": "tier-drafter", "SlimVerifier": "tier-slim", "FullVerifier": "tier-full"}
 AUTOSCALING = {
-    "min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
+    "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
     "upscale_delay_s": 2, "downscale_delay_s": 6, "look_back_period_s": 3,
+    # Serve 2.60 replicas push their metrics every metrics_interval_s (default 10 s; the env var the
+    # field's deprecation names is read by handles only)
+    "metrics_interval_s": 0.5,
     "policy": {"policy_function": "via_sd_ray.serving.autoscaling:TierLoadPolicy",
                "policy_kwargs": {"target_busy_fraction": 0.5}},
 }
@@ -69,7 +72,6 @@ def main(out_path: str, concurrency: int = 8, load_limit_s: float = 90, settle_l
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
 
     from tests.serving.conftest import free_port
     from via_sd_ray.serving.app import build_app
@@ -85,13 +87,10 @@ def main(out_path: str, concurrency: int = 8, load_limit_s: float = 90, settle_l
         serve.run(build_app(ARGS), name="via-sd", route_prefix="/")
 
         node_of = {name: node.node_id for name, node in nodes.items()}
-        node_of["Ingress"] = node_of["Router"] = cluster.head_node.node_id
+        node_of["Router"] = cluster.head_node.node_id
         record["placement"] = {
-            actor.class_name.rsplit(":", 1)[-1]: {"on_its_node": actor.node_id == node_of.get(
-                actor.class_name.rsplit(":", 1)[-1])}
-            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-            if actor.class_name.startswith("ServeReplica:via-sd:")
-        }
+            name: {"on_its_node": serve.get_deployment_handle(name, "via-sd").stats.remote().result(
+                timeout_s=60)["node_id"] == node_of[name]} for name in node_of}
         start = time.monotonic()
 
         def sample(phase: str) -> dict[str, int]:

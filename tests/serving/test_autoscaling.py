@@ -19,7 +19,7 @@ def test_low_confidence_burst_scales_the_full_verifier_only_and_settles_back(tmp
     print(run.stdout)  # the replica counts over time (pytest -s, or shown on failure)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert set(record["placement"]) == {"Ingress", "Router", "Drafter", "SlimVerifier", "FullVerifier"}
+    assert set(record["placement"]) == {"Router", "Drafter", "SlimVerifier", "FullVerifier"}
     assert all(p["on_its_node"] for p in record["placement"].values()), record["placement"]
     assert record["errors"] == [] and record["requests"] > 0
     load = [row for row in record["timeline"] if row["phase"] == "load"]

@@ -16,7 +16,8 @@ def context(busy=None, queued=None, target=1):
         metrics["busy_fraction"] = {f"r{i}": b for i, b in enumerate(busy)}
     if queued is not None:
         metrics["queued_calls"] = {f"r{i}": q for i, q in enumerate(queued)}
-    return SimpleNamespace(aggregated_metrics=metrics, target_num_replicas=target, policy_state={"kept": 1})
+    return SimpleNamespace(aggregated_metrics=metrics, target_num_replicas=target, current_num_replicas=target,
+                           policy_state={"kept": 1})
 
 
 @pytest.mark.parametrize("busy, expected", [

@@ -22,7 +22,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class DecoderStack(nn.Module):
-    def __init__(self, lm: nn.Module, layers: list[int] | None = None):
+    def __init__(self, lm: nn.Module, layers: list[int] | None = None, num_kv_heads: int | None = None):
+        """``num_kv_heads``: the KV heads this process computes, when tensor parallelism gives it a share of
+        them (None: all of the model's)."""
         super().__init__()
         config = lm.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -41,6 +43,7 @@ class DecoderStack(nn.Module):
         self.lm_head = lm.get_output_embeddings()
         self.layer_ids = [layer.self_attn.layer_idx for layer in self.layers]
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_kv_heads = num_kv_heads or config.num_key_value_heads
         self.max_context = config.max_position_embeddings
 
     @property
@@ -53,11 +56,11 @@ class DecoderStack(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.lm_head.out_features
+        # a tensor-parallel head (DeepSpeed's LmHeadLinearAllreduce) has no out_features: its weight is [V, H / tp]
+        return getattr(self.lm_head, "out_features", None) or self.lm_head.weight.shape[0]
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        return KVCache(self.layer_ids, self.config.num_key_value_heads, self.head_dim, self.dtype, self.device,
-                       capacity)
+        return KVCache(self.layer_ids, self.num_kv_heads, self.head_dim, self.dtype, self.device, capacity)
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], cache: KVCache, num_logits: int) -> torch.Tensor:

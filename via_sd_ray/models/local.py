@@ -19,11 +19,11 @@ from via_sd_ray.core.policy import RouterPolicy, Tier
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
 from via_sd_ray.errors import InvalidRequest
-from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.detok import IncrementalText
 from via_sd_ray.models.loading import eos_token_ids, load_tokenizer, resolve
 from via_sd_ray.models.runner import TierRunner
-from via_sd_ray.models.tiers import build_drafter, load
+from via_sd_ray.models.sharded import ShardLauncher
+from via_sd_ray.models.tiers import build_drafter, verifier_stacks
 
 
 @dataclass
@@ -74,18 +74,20 @@ class StreamEvent:
 
 
 class LocalEngine:
-    def __init__(self, config: EngineConfig, threads: int | None = None):
+    def __init__(self, config: EngineConfig, threads: int | None = None, launcher: ShardLauncher | None = None):
+        """``launcher`` starts the verifier's other tensor-parallel ranks (tensor_parallel_size > 1)."""
         self.config = config
         if threads or config.threads:
             torch.set_num_threads(threads or config.threads)
         verifier_cfg = config.models.verifier
         verifier_src = resolve(verifier_cfg.source, verifier_cfg.revision)
         self.tokenizer = load_tokenizer(verifier_src)
-        self.verifier_model = load(verifier_cfg)
+        stacks = verifier_stacks(config, {"full": None, "slim": config.slim.layers}, None, launcher)
+        self.verifier_model = stacks["full"].hf_model  # on its engine (rank 0's shard under tensor parallelism)
         budget = config.limits.max_cache_bytes
-        self.full = TierRunner(DecoderStack(self.verifier_model), budget, name="full")
-        self.slim = TierRunner(DecoderStack(self.verifier_model, config.slim.layers), budget, name="slim")
-        self.drafter = build_drafter(config, self.verifier_model.get_output_embeddings().out_features)
+        self.full = TierRunner(stacks["full"], budget, name="full")
+        self.slim = TierRunner(stacks["slim"], budget, name="slim")
+        self.drafter = build_drafter(config, stacks["full"].vocab_size)
         if isinstance(self.drafter, TierRunner):
             self.drafter_model = self.drafter.stack.hf_model
         self.eos_token_ids = eos_token_ids(self.verifier_model, self.tokenizer)

@@ -57,6 +57,12 @@ class TierRunner:
     def cache_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values())
 
+    def check_health(self) -> None:
+        """Raise if the stack cannot run any more (a tensor-parallel rank of it is gone)."""
+        check = getattr(self.stack, "check_health", None)
+        if check is not None:
+            check()
+
     def release(self, generation_id: str) -> None:
         """Drop the generation's cache (it finished or was cancelled)."""
         with self._lock:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig, ModelConfig
 from via_sd_ray.core.ngram import PromptLookupDrafter
 from via_sd_ray.errors import ConfigError
+from via_sd_ray.models import ds_engine
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve
 from via_sd_ray.models.runner import TierRunner
+from via_sd_ray.models.sharded import ShardedStack, ShardGroup, ShardLauncher, ShardSpec
 
 TIERS = ("drafter", "slim", "full")
 
@@ -31,10 +33,66 @@ class TextInfo:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def load(cfg: ModelConfig, layers: list[int] | None = None):
+def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None = None):
     return load_model(resolve(cfg.source, cfg.revision), cfg.dtype, layers=layers,
                       attn_implementation=cfg.attn_implementation, quantization=cfg.quantization,
-                      device=resolve_device(cfg.device))
+                      device=device or resolve_device(cfg.device))
+
+
+def verifier_stacks(config: EngineConfig, stacks: dict[str, list[int] | None], load_layers: list[int] | None = None,
+                    launcher: ShardLauncher | None = None) -> dict[str, DecoderStack | ShardedStack]:
+    """The verifier's decoder stacks ``stacks`` (name -> layers of the loaded model; None: all) over one
+    loaded copy of its layers ``load_layers``, on the configured engine. With tensor_parallel_size > 1,
+    ``launcher`` starts the other ranks and the stacks returned drive them."""
+    cfg = config.models.verifier
+    tp = cfg.tensor_parallel_size
+    if tp == 1:
+        return build_shard(ShardSpec(cfg, load_layers, stacks, rendezvous=None), rank=0)
+    if launcher is None:
+        raise ConfigError(f"models.verifier.tensor_parallel_size: expected 1 in a single process, received {tp}: "
+                          "the other ranks are Ray actors (serve the tiers with Ray Serve)")
+    rendezvous = ds_engine.Rendezvous(launcher.address(), _free_port(), tp, config.serving.tier_timeout_s)
+    spec = ShardSpec(cfg, load_layers, stacks, rendezvous, config.threads)
+    peers = launcher.start(spec)
+    try:
+        own = build_shard(spec, rank=0)  # returns once every rank has joined the group and sharded its model
+        peers.ready()
+    except BaseException:
+        peers.close()
+        raise
+    group = ShardGroup(peers)
+    return {name: ShardedStack(stack, name, group) for name, stack in own.items()}
+
+
+def build_shard(spec: ShardSpec, rank: int) -> dict[str, DecoderStack]:
+    """Rank ``rank``'s decoder stacks of ``spec``: join the group (if any), load, shard with DeepSpeed."""
+    import torch
+
+    cfg = spec.model
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if cfg.engine == "deepspeed":
+        ds_engine.require()
+        device = resolve_device(cfg.device)
+        if torch.device(device).type != torch.device(ds_engine.device_name()).type:
+            raise ConfigError(f"models.verifier.device: expected {ds_engine.device_name()!r} (where DeepSpeed puts "
+                              f"the model) with engine 'deepspeed', received {cfg.device!r}")
+        if spec.rendezvous is not None and spec.rendezvous.world_size > 1:
+            ds_engine.init_group(rank, spec.rendezvous)
+        # loaded on the host: AutoTP shards it there and moves this rank's shard to the device
+        model = ds_engine.wrap(load(cfg, spec.load_layers, device="cpu"), cfg.tensor_parallel_size)
+        kv_heads = ds_engine.local_kv_heads(model)
+    else:
+        model, kv_heads = load(cfg, spec.load_layers), None
+    return {name: DecoderStack(model, layers, num_kv_heads=kv_heads) for name, layers in spec.stacks.items()}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def resolve_device(name: str) -> str:
@@ -63,16 +121,18 @@ def build_drafter(config: EngineConfig, verifier_vocab: int) -> TierRunner | Pro
     return TierRunner(DecoderStack(model), config.limits.max_cache_bytes, name="drafter")
 
 
-def build_tier(config: EngineConfig, tier: str) -> TierRunner | PromptLookupDrafter:
-    """The runner of one tier, loading only what it needs (for a process that hosts only this tier)."""
+def build_tier(config: EngineConfig, tier: str, launcher: ShardLauncher | None = None
+               ) -> TierRunner | PromptLookupDrafter:
+    """The runner of one tier, loading only what it needs (for a process that hosts only this tier).
+    ``launcher`` starts a verifier tier's other tensor-parallel ranks (tensor_parallel_size > 1)."""
     budget = config.limits.max_cache_bytes
     if tier == "drafter":
         return build_drafter(config, _vocab_size(config.models.verifier))
     if tier == "slim":
-        layers = config.slim.layers
-        return TierRunner(DecoderStack(load(config.models.verifier, layers)), budget, name="slim")
+        stack = verifier_stacks(config, {"slim": None}, config.slim.layers, launcher)["slim"]
+        return TierRunner(stack, budget, name="slim")
     if tier == "full":
-        return TierRunner(DecoderStack(load(config.models.verifier)), budget, name="full")
+        return TierRunner(verifier_stacks(config, {"full": None}, None, launcher)["full"], budget, name="full")
     raise ConfigError(f"tier: expected one of {TIERS}, received {tier!r}")
 
 

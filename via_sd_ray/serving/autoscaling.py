@@ -30,7 +30,11 @@ policies get them too). Targets are per tier, in the YAML:
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 POLICY_PATH = "via_sd_ray.serving.autoscaling:TierLoadPolicy"
 
@@ -56,4 +60,10 @@ class TierLoadPolicy:
         queued = sum((metrics.get("queued_calls") or {}).values())
         if self.target_queued_calls:
             desired = max(desired, queued / self.target_queued_calls)
+        low = getattr(ctx, "capacity_adjusted_min_replicas", 0)
+        high = getattr(ctx, "capacity_adjusted_max_replicas", math.inf)
+        if min(max(math.ceil(desired), low), high) != ctx.current_num_replicas:  # log decisions, not steady state
+            logger.info(f"TierLoadPolicy {getattr(ctx, 'deployment_name', '')}: busy {load:.2f} replicas, "
+                        f"{queued:.0f} queued calls over {len(busy)} reports -> {desired:.2f} replicas "
+                        f"(running {ctx.current_num_replicas})")
         return desired, {"busy_replicas": load, "queued_calls": queued}

@@ -1,28 +1,42 @@
 """The ``Ingress`` deployment: OpenAI-compatible HTTP and the ``via_sd.v1.ViaSD`` gRPC service.
 
 Both front ends turn a request into a ``GenerateRequest`` and stream the ``Router``'s
-events back. Errors keep one mapping everywhere: a ``ViaSDError`` carries its HTTP status
-and gRPC code; a stream that fails after it started ends with an error frame (SSE) or a
-gRPC status, never a silent stop.
+events back. Every request is checked in the same order: bearer token (when one is
+configured, ``serving/auth.py``), size (``serving.max_request_bytes``), shape and model,
+then the field ranges. Errors keep one mapping everywhere: a ``ViaSDError`` carries its HTTP
+status and gRPC code; a ``Router`` refusing work over its ``max_queued_requests`` gives 429 with
+``Retry-After`` / ``RESOURCE_EXHAUSTED``; a stream that fails after it started ends with an
+error frame (SSE) or a gRPC status, never a silent stop.
 """
 
 
 import json
+import math
 from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.unknown_fields import UnknownFieldSet
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from via_sd_ray.config import parse_config
-from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError
+from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError, check_range
 from via_sd_ray.serving import openai_api as oa
+from via_sd_ray.serving.auth import BearerAuth
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
 from via_sd_ray.serving.router import GenerateRequest
 
 app = FastAPI(title="via-sd-ray", docs_url=None, redoc_url=None)
-MAX_BODY_BYTES = 4 * 1024 * 1024
+RETRY_AFTER_S = 1  # Retry-After of a 429 / 503 that names no delay of its own
+
+
+class RequestTooLarge(InvalidRequest):
+    """A body or message over ``serving.max_request_bytes``."""
+
+    http_status = 413
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -37,15 +51,63 @@ def status_of(err: BaseException) -> tuple[int, str, str]:
     err = unwrap(err)
     if isinstance(err, ViaSDError):
         return err.http_status, err.grpc_code, err.message
+    if isinstance(err, BackPressureError):  # a deployment behind the Ingress is at its max_queued_requests
+        return (err.status_code, "RESOURCE_EXHAUSTED",
+                f"the server is at capacity, retry after {retry_after_s(err)} s ({err.message})")
+    if isinstance(err, DeploymentUnavailableError):
+        return 503, "UNAVAILABLE", f"the server is unavailable, retry after {retry_after_s(err)} s ({err.message})"
+    if _replica_died(err):  # the Router replica running this generation died: a new request will work
+        return 503, "UNAVAILABLE", ("the generation was interrupted (its router replica died); retry the request "
+                                    f"({type(err).__name__})")
     return 500, "INTERNAL", f"internal error: {type(err).__name__}: {err}"
+
+
+def _replica_died(err: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def retry_after_s(err: BaseException) -> int:
+    """Whole seconds a client should wait before retrying (the Retry-After header)."""
+    delay = getattr(unwrap(err), "retry_after_s", None)
+    return RETRY_AFTER_S if delay is None else max(0, math.ceil(delay))
+
+
+def check_wire_fields(message, prefix: str = "") -> None:
+    """Refuse fields the schema does not know, and known fields sent with the wrong wire type (which
+    protobuf keeps as unknown fields and would otherwise leave at their defaults: max_tokens sent as
+    a string would silently become "unset")."""
+    for unknown in UnknownFieldSet(message):
+        field = message.DESCRIPTOR.fields_by_number.get(unknown.field_number)
+        if field is None:
+            raise InvalidRequest(f"{prefix}{unknown.field_number}: unknown field number for "
+                                 f"{message.DESCRIPTOR.full_name} (proto/via_sd.proto)")
+        raise InvalidRequest(f"{prefix}{field.name}: expected {_proto_type(field)}, received a value of "
+                             f"another type (wire type {unknown.wire_type})")
+    for i, nested in enumerate(getattr(message, "messages", ())):
+        check_wire_fields(nested, f"messages.{i}.")
+
+
+_PROTO_TYPES = {v: k.removeprefix("TYPE_").lower() for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
+
+
+def _proto_type(field) -> str:
+    return _PROTO_TYPES.get(field.type, "another type")
 
 
 def from_proto(request: "pb.GenerateRequest") -> GenerateRequest:
     """The GenerateRequest a gRPC request asks for (unset optional fields keep the defaults)."""
     has = request.HasField
-    given = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
-    if sum(given) != 1:
-        raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids")
+    given = {"prompt": bool(request.prompt), "messages": bool(request.messages),
+             "prompt_token_ids": bool(request.prompt_token_ids)}
+    if sum(given.values()) != 1:
+        named = [name for name, there in given.items() if there]
+        raise InvalidRequest("prompt: expected exactly one of prompt, messages or prompt_token_ids (non-empty), "
+                             f"received {', '.join(named) if named else 'none'}")
+    for name in ("temperature", "top_p"):  # proto floats can be NaN or inf, which no range check catches
+        if has(name) and not math.isfinite(getattr(request, name)):
+            raise InvalidRequest(f"{name}: expected a finite number, received {getattr(request, name)}")
     return GenerateRequest(
         prompt=request.prompt or None,
         messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
@@ -94,15 +156,24 @@ def _grpc_error(context, err: BaseException, empty):
     return empty
 
 
-async def _json_body(http: Request) -> Any:
+async def _read_body(http: Request, limit: int) -> bytes:
+    """The body, read only up to ``limit`` bytes (a client that sends more is cut off there)."""
     size = http.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {size}")
-    raw = await http.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise _TooLarge(f"body: expected at most {MAX_BODY_BYTES} bytes, received {len(raw)}")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise RequestTooLarge(f"body: expected at most {limit} bytes (serving.max_request_bytes), received {size}")
+    chunks, total = [], 0
+    async for chunk in http.stream():
+        total += len(chunk)
+        if total > limit:
+            raise RequestTooLarge(f"body: expected at most {limit} bytes (serving.max_request_bytes), received "
+                                  "more")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as err:
         raise InvalidRequest(f"body: expected UTF-8 text, received invalid byte at position {err.start}") from None
     except json.JSONDecodeError as err:
@@ -110,14 +181,18 @@ async def _json_body(http: Request) -> Any:
                              f"{err.colno}: {err.msg}") from None
 
 
-class _TooLarge(InvalidRequest):
-    http_status = 413
+def _no_constant(name: str):
+    raise InvalidRequest(f"body: expected valid JSON (finite numbers), received {name}")
 
 
 def _error_response(err: BaseException) -> JSONResponse:
     status, _, message = status_of(err)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse(oa.error_body(message, status), status_code=status, headers=headers)
+    headers = {}
+    if status in (429, 503):
+        headers["Retry-After"] = str(retry_after_s(err))
+    if status == 401:
+        headers["WWW-Authenticate"] = getattr(unwrap(err), "challenge", "Bearer")
+    return JSONResponse(oa.error_body(message, status), status_code=status, headers=headers or None)
 
 
 def _sse(data: dict) -> str:
@@ -127,16 +202,24 @@ def _sse(data: dict) -> str:
 # Defined last: serve.ingress pickles the routes at import time, with the module globals they use.
 @serve.ingress(app)  # at import time, so every process (driver and replica) sees the same routes
 class Ingress:
-    def __init__(self, args: dict[str, Any], router):
+    def __init__(self, args: dict[str, Any], router, auth: BearerAuth | None = None):
         self.config = parse_config(args)
         self.model_name = self.config.served_model_name
+        self.max_request_bytes = self.config.serving.max_request_bytes
         self.router = router
+        # the replica's environment decides (VIA_SD_API_TOKEN / VIA_SD_API_TOKEN_FILE); a bad secret fails start-up
+        self.auth = auth if auth is not None else BearerAuth.from_env()
 
     # -- shared --------------------------------------------------------------------------------
 
     def _check_model(self, model: str) -> None:
         if model and model != self.model_name:
             raise ModelNotFound(f"model: expected {self.model_name!r}, received {model!r}")
+
+    def _check_limits(self, request: GenerateRequest) -> None:
+        """The ranges that depend on the configuration, named with the configured bounds."""
+        if request.max_tokens is not None:
+            check_range("max_tokens", request.max_tokens, 1, self.config.limits.max_tokens, kind=int)
 
     def _stream(self, request: GenerateRequest):
         return self.router.options(stream=True).generate.remote(request)
@@ -150,11 +233,15 @@ class Ingress:
     # -- HTTP ----------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self) -> dict:  # open without a token: it tells nothing but the model name
         return {"status": "ok", "model": self.model_name}
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        try:
+            self.auth.check(request.headers.get("authorization"))
+        except Exception as err:
+            return _error_response(err)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "via-sd-ray",
                                             "created": 0}]}
 
@@ -168,10 +255,12 @@ class Ingress:
 
     async def _openai(self, http: Request, chat: bool):
         try:
-            body = await _json_body(http)
+            self.auth.check(http.headers.get("authorization"))
+            body = _json(await _read_body(http, self.max_request_bytes))
             req = oa.parse(oa.ChatCompletionRequest if chat else oa.CompletionRequest, body)
             self._check_model(req.model)
             generate = req.to_generate()
+            self._check_limits(generate)
             first, events = await self._first(generate)
         except Exception as err:
             return _error_response(err)
@@ -211,10 +300,21 @@ class Ingress:
 
     # -- gRPC (method names are the RPC names of proto/via_sd.proto) ----------------------------
 
+    def _from_grpc(self, request: "pb.GenerateRequest", grpc_context) -> GenerateRequest:
+        self.auth.check_metadata(grpc_context.invocation_metadata() if grpc_context is not None else None)
+        size = request.ByteSize()
+        if size > self.max_request_bytes:
+            raise RequestTooLarge(f"request: expected at most {self.max_request_bytes} bytes "
+                                  f"(serving.max_request_bytes), received {size}")
+        check_wire_fields(request)
+        self._check_model(request.model)
+        generate = from_proto(request)
+        self._check_limits(generate)
+        return generate
+
     async def Generate(self, request: "pb.GenerateRequest", grpc_context=None) -> "pb.GenerateResponse":
         try:
-            self._check_model(request.model)
-            first, events = await self._first(from_proto(request))
+            first, events = await self._first(self._from_grpc(request, grpc_context))
             text, ids, last = first["text"], list(first["token_ids"]), first
             async for event in events:
                 text += event["text"]
@@ -228,8 +328,7 @@ class Ingress:
 
     async def GenerateStream(self, request: "pb.GenerateRequest", grpc_context=None):
         try:
-            self._check_model(request.model)
-            first, events = await self._first(from_proto(request))
+            first, events = await self._first(self._from_grpc(request, grpc_context))
         except Exception as err:
             _grpc_error(grpc_context, err, None)
             raise

@@ -198,6 +198,6 @@ def usage_chunk(request_id: str, model: str, last_event: dict, chat: bool) -> di
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
             413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-    if param is None and status < 500 and ":" in message:  # a server error names no request field
+    if param is None and status in (400, 401, 404, 413, 422) and ":" in message:  # others name no request field
         param = message.split(":", 1)[0].split(" ")[0]
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}

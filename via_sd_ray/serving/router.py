@@ -11,6 +11,7 @@ releases the generation's caches in every tier when it ends, fails or is cancell
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -230,7 +231,9 @@ class GenerationRouter:
         return None
 
     def stats(self) -> dict[str, Any]:
-        return {"active_generations": len(self.active)}
+        from via_sd_ray.serving.tiers import _node_id
+
+        return {"active_generations": len(self.active), "pid": os.getpid(), "node_id": _node_id()}
 
 
 async def _quietly(awaitable) -> None:

@@ -14,6 +14,7 @@ failover) rebuilds it from token ids and continues.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ DEPLOYMENT_OF_TIER = {"drafter": "Drafter", "slim": "SlimVerifier", "full": "Ful
 class TierServer:
     def __init__(self, args: dict[str, Any] | EngineConfig, tier: str, runner=None, metrics=None):
         from via_sd_ray.models.tiers import build_tier
+        from via_sd_ray.serving.tp_workers import shard_launcher
 
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
         if self.config.threads:
@@ -35,7 +37,7 @@ class TierServer:
 
             torch.set_num_threads(self.config.threads)
         self.tier = tier
-        self.runner = runner if runner is not None else build_tier(self.config, tier)
+        self.runner = runner if runner is not None else build_tier(self.config, tier, shard_launcher(self.config, tier))
         self.metrics = metrics if metrics is not None else _default_metrics(tier)
         self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier,
                                     threads=self.config.threads, expected=self._active_generations,
@@ -126,6 +128,8 @@ class TierServer:
         return {
             "tier": self.tier,
             "replica": _replica_id(),
+            "pid": os.getpid(),
+            "node_id": _node_id(),
             "caches": len(caches),
             "cache_bytes": sum(c.nbytes for c in caches.values()),
             "queued": self.batcher.queued,
@@ -142,6 +146,9 @@ class TierServer:
         """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
         if self.failed:
             raise RuntimeError(f"{DEPLOYMENT_OF_TIER[self.tier]} model runner is broken: {self.failed}")
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:  # e.g. a tensor-parallel worker died: the whole replica must be replaced
+            await asyncio.to_thread(check)
 
 
 def _replica_id() -> str:
@@ -151,6 +158,12 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Serve replica (unit tests)
         return "local"
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _forward_tokens(runner) -> int:
