@@ -185,6 +185,8 @@ def test_http_and_grpc_services_and_a_private_dashboard(rayservice):
 def test_gpu_config_parses_with_tiers_on_their_gpus():
     from ray.util.accelerators import accelerators
 
+    from via_sd_ray.serving.autoscaling import TierLoadPolicy
+
     config = load_config(GPU_CONFIG)
     assert config.slim.layers and config.models.drafter.dtype == "bfloat16"
     gpu_of = {"Drafter": accelerators.NVIDIA_L4, "SlimVerifier": accelerators.NVIDIA_L40S,
@@ -192,10 +194,13 @@ def test_gpu_config_parses_with_tiers_on_their_gpus():
     for name in DEPLOYMENTS:
         options = config.serving.deployments[name]
         actor = options.ray_actor_options
-        assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+        assert {"min_replicas", "max_replicas", "upscale_delay_s",
                 "downscale_delay_s"} <= set(options.autoscaling_config), name
         assert actor["num_cpus"] > 0, f"{name} would fit the head"
-        if name in gpu_of:
+        if name in gpu_of:  # tiers scale on their own load, with a target each
+            policy = options.autoscaling_config["policy"]
+            assert policy["policy_function"] == "via_sd_ray.serving.autoscaling:TierLoadPolicy", name
+            TierLoadPolicy(**policy["policy_kwargs"])
             assert actor["num_gpus"] == 1 and actor["label_selector"] == {"ray.io/accelerator-type": gpu_of[name]}
             assert "accelerator_type" not in actor, "the KubeRay autoscaler cannot scale on accelerator_type"
         else:
