@@ -53,9 +53,9 @@ def status_of(err: BaseException) -> tuple[int, str, str]:
         return err.http_status, err.grpc_code, err.message
     if isinstance(err, BackPressureError):  # a deployment behind the Ingress is at its max_queued_requests
         return (err.status_code, "RESOURCE_EXHAUSTED",
-                f"the server is at capacity, retry after {retry_after_s(err)} s ({err.message})")
+                f"the server is at capacity, retry after {retry_after_s(err)} s: {err.message}")
     if isinstance(err, DeploymentUnavailableError):
-        return 503, "UNAVAILABLE", f"the server is unavailable, retry after {retry_after_s(err)} s ({err.message})"
+        return 503, "UNAVAILABLE", f"the server is unavailable, retry after {retry_after_s(err)} s: {err.message}"
     if _replica_died(err):  # the Router replica running this generation died: a new request will work
         return 503, "UNAVAILABLE", ("the generation was interrupted (its router replica died); retry the request "
                                     f"({type(err).__name__})")
