@@ -142,6 +142,21 @@ def test_release_drops_the_cache(local_engine, build):
     assert run(scenario())["caches"] == 1
 
 
+def test_a_call_of_a_released_generation_leaves_no_cache(local_engine, build):
+    """A cancelled generation's release can overtake its last call (queued, or running in a batch)."""
+    server, runner, _ = build("full")
+    first, other = verify_calls(local_engine, 2)
+
+    async def scenario():
+        await server.release(first.generation_id)  # arrives first
+        queued = asyncio.ensure_future(server.verify(first))
+        await server.verify(other)
+        await queued
+        return set(runner.caches)
+
+    assert run(scenario()) == {other.generation_id}
+
+
 def test_stats_fields(local_engine, build):
     server, runner, _ = build("full")
     calls = verify_calls(local_engine, 3)

@@ -11,6 +11,7 @@ releases the generation's caches in every tier when it ends, fails or is cancell
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
 import uuid
@@ -142,9 +143,8 @@ class GenerationRouter:
         prompt_ids = self.encode(request)
         params = self.sampling(request, len(prompt_ids))
         policy = self.policy(request)
-        generation_id = request.request_id
-        while generation_id in self.active:  # a client reused an id: keep the generations' caches apart
-            generation_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        # unique even when a client reuses a request id: tiers key caches (and releases) by it
+        generation_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         serving = self.config.serving
         generation = Generation(prompt_ids, params, policy, self.text.eos_token_ids, self.text.max_context,
                                 self.text.decode, generation_id=generation_id,
@@ -220,10 +220,14 @@ class GenerationRouter:
             return result
 
     def _release(self, generation_id: str) -> None:
-        """Tell every tier to drop the generation's caches, without waiting (also on cancellation)."""
+        """Tell every tier to drop the generation's caches, without waiting (also on cancellation).
+
+        The release calls run in a fresh context: created in the request's own, Serve would treat
+        them as its child requests and cancel them with it when the client disconnects."""
         for client in self.tiers.values():
             try:
-                asyncio.get_running_loop().create_task(_quietly(client.release(generation_id)))
+                asyncio.get_running_loop().create_task(_quietly(client.release(generation_id)),
+                                                       context=contextvars.Context())
             except RuntimeError:  # no running loop (interpreter shutting down)
                 pass
 

@@ -47,6 +47,9 @@ class TierServer:
         self._sweeper: asyncio.Task | None = None
         self.batch_profile: dict[int, list[float]] = {}  # batch size -> [batches, seconds, forward tokens]
         self._last_report: tuple[float, float] | None = None  # (loop time, busy seconds) at the last report
+        # generation id -> when it was released: a call of a cancelled generation still in a batch (or
+        # arriving after its release) must not leave a cache behind
+        self._released: dict[str, float] = {}
 
     async def draft(self, call: DraftCall) -> Draft:
         return await self._call(call)
@@ -61,7 +64,9 @@ class TierServer:
         return sum(1 for t in list(last_used.values()) if now - t < window_s)
 
     async def release(self, generation_id: str) -> None:
-        """Drop the generation's KV cache (it finished or was cancelled)."""
+        """Drop the generation's KV cache (it finished or was cancelled), now and after any of its
+        calls still in a batch."""
+        self._released[generation_id] = time.monotonic()
         self.runner.release(generation_id)
 
     async def _call(self, call):
@@ -81,6 +86,10 @@ class TierServer:
         while expire is not None:
             await asyncio.sleep(min(idle / 2, 5.0))
             expire(idle)
+            now = time.monotonic()
+            for generation_id, when in list(self._released.items()):
+                if now - when > idle:
+                    del self._released[generation_id]
 
     def _run_batch(self, calls: list) -> list:
         if self.metrics:
@@ -96,6 +105,9 @@ class TierServer:
                 self.failed = f"{type(err).__name__}: {err}"
             raise
         finally:
+            for call in calls:
+                if call.generation_id in self._released:  # released while its call was queued or running
+                    self.runner.release(call.generation_id)
             entry = self.batch_profile.setdefault(len(calls), [0, 0.0, 0])
             entry[0] += 1
             entry[1] += time.perf_counter() - start
