@@ -152,6 +152,8 @@ class ShardGroup:
                 except ShardFailure:
                     pass  # the workers' copies of the same error; a dead worker shows in the next call or check
                 raise
+            except Exception as err:  # a collective failed: a peer crashed, or the group timed out
+                raise ShardFailure(f"rank 0's part of a tensor-parallel pass failed: {err}") from err
             self.peers.wait(pending)
             return logits
 
