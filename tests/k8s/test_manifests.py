@@ -6,7 +6,8 @@
 - serveConfigV2 parses with Ray's ServeDeploySchema and our parse_config, and Ray Serve accepts
   every deployment's options.
 - Placement: each deployment fits exactly the worker group meant for it and never the head, by
-  our check and by Ray's own autoscaler (KubeRay config parser + v2 scheduler).
+  our check and by Ray's own autoscaler (KubeRay config parser + v2 scheduler); a tensor-parallel
+  verifier tier's placement group (STRICT_PACK) fits one pod of its group, every bundle at once.
 - Security: non-root pods, the dashboard reachable only inside the cluster, the token optional.
 - Drift: rendering again gives the committed k8s/rayservice.yaml.
 """
@@ -191,6 +192,9 @@ def test_gpu_config_parses_with_tiers_on_their_gpus():
     assert config.slim.layers and config.models.drafter.dtype == "bfloat16"
     gpu_of = {"Drafter": accelerators.NVIDIA_L4, "SlimVerifier": accelerators.NVIDIA_L40S,
               "FullVerifier": accelerators.NVIDIA_H100}
+    tp = config.models.verifier.tensor_parallel_size
+    assert tp > 1 and config.models.verifier.engine == "deepspeed"
+    tensor_parallel = {"SlimVerifier", "FullVerifier"}  # the slim verifier runs at the verifier's tp
     for name in DEPLOYMENTS:
         options = config.serving.deployments[name]
         actor = options.ray_actor_options
@@ -201,8 +205,17 @@ def test_gpu_config_parses_with_tiers_on_their_gpus():
             policy = options.autoscaling_config["policy"]
             assert policy["policy_function"] == "via_sd_ray.serving.autoscaling:TierLoadPolicy", name
             TierLoadPolicy(**policy["policy_kwargs"])
-            assert actor["num_gpus"] == 1 and actor["label_selector"] == {"ray.io/accelerator-type": gpu_of[name]}
-            assert "accelerator_type" not in actor, "the KubeRay autoscaler cannot scale on accelerator_type"
+            assert actor["num_gpus"] == 1 and "accelerator_type" not in actor, \
+                "the KubeRay autoscaler cannot scale on accelerator_type"
+            if name in tensor_parallel:  # rank 0 in bundle 0; the GPU type goes to every bundle
+                assert options.placement_group_strategy == "STRICT_PACK", name
+                assert len(options.placement_group_bundles) == tp, name
+                assert all(b["GPU"] == 1 and b["CPU"] >= actor["num_cpus"] for b in options.placement_group_bundles)
+                assert options.placement_group_bundle_label_selector == [{"ray.io/accelerator-type": gpu_of[name]}]
+                assert "label_selector" not in actor, name
+            else:
+                assert actor["label_selector"] == {"ray.io/accelerator-type": gpu_of[name]}
+                assert not options.placement_group_bundles, name
         else:
             assert not actor.get("num_gpus")
 
@@ -233,7 +246,14 @@ def test_ray_serve_accepts_every_deployments_options(serve_config):
     for name in DEPLOYMENTS:
         options = config.serving.deployments[name].serve_options()
         deployment = serve.deployment(Replica, name=name).options(**options)
-        assert deployment.ray_actor_options["label_selector"] == options["ray_actor_options"]["label_selector"]
+        if "placement_group_bundles" in options:  # Serve checks the actor fits bundle 0
+            replica = deployment._replica_config
+            assert replica.placement_group_bundles == options["placement_group_bundles"], name
+            assert replica.placement_group_strategy == "STRICT_PACK", name
+            (selector,) = options["placement_group_bundle_label_selector"]
+            assert replica.placement_group_bundle_label_selector == [selector] * len(options["placement_group_bundles"])
+        else:
+            assert deployment.ray_actor_options["label_selector"] == options["ray_actor_options"]["label_selector"]
 
 
 # ---- placement ---------------------------------------------------------------------------------
@@ -244,10 +264,59 @@ def test_each_deployment_fits_its_group_only_and_never_the_head(serve_config, ra
     head, workers = k8s.cluster_groups(rayservice)
     assert rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert head.resources.get("CPU", 0) == 0 and head.resources.get("GPU", 0) == 0
-    for demand in k8s.replica_demands(serve_config):
+    demands = k8s.replica_demands(serve_config)
+    assert [d.deployment for d in demands] == list(DEPLOYMENTS)
+    for demand in demands:
         assert not k8s.replicas_per_node(demand, head), demand
         fitting = [g.name for g in workers if k8s.replicas_per_node(demand, g)]
         assert fitting == [GROUP_OF[demand.deployment]], demand
+    tp = parse_config({**serve_config["applications"][0]["args"], "profile": None}).models.verifier.tensor_parallel_size
+    for demand in demands:
+        if demand.deployment in ("SlimVerifier", "FullVerifier"):  # a whole placement group in one pod
+            assert len(demand.bundles) == tp and demand.resources["GPU"] == tp, demand
+            (group,) = [g for g in workers if g.name == GROUP_OF[demand.deployment]]
+            assert group.resources["GPU"] == tp and k8s.replicas_per_node(demand, group) == 1, group
+
+
+def test_placement_groups_are_checked_bundle_by_bundle_on_one_pod(serve_config, rayservice):
+    """STRICT_PACK: all bundles on one pod. Bundles that each fit a pod but not together, or one
+    bundle asking for another GPU type, fit nowhere; the count must match the verifier's ranks."""
+    broken = copy.deepcopy(serve_config)
+    deployments = broken["applications"][0]["args"]["serving"]["deployments"]
+    full = deployments["FullVerifier"]
+    full["placement_group_bundles"] = full["placement_group_bundles"] + [{"CPU": 2, "GPU": 1}]  # 3 GPUs, pods have 2
+    slim = deployments["SlimVerifier"]
+    slim["placement_group_bundle_label_selector"] = [{"ray.io/accelerator-type": "L40S"},
+                                                     {"ray.io/accelerator-type": "H100"}]
+    problems = k8s.placement_problems(broken, rayservice)
+    assert any(p.startswith("FullVerifier: no worker group fits {CPU: 6, GPU: 3} in one node, as 3 STRICT_PACK")
+               for p in problems), problems
+    assert any(p.startswith("FullVerifier: 3 placement_group_bundles, expected 2") for p in problems), problems
+    assert any(p.startswith("SlimVerifier: no worker group fits") and "H100" in p for p in problems), problems
+    assert len(problems) == 3, problems
+
+    spread = copy.deepcopy(serve_config)
+    full = spread["applications"][0]["args"]["serving"]["deployments"]["FullVerifier"]
+    full["placement_group_strategy"] = "PACK"  # bundles may land on different pods: each checked alone
+    full["ray_actor_options"]["label_selector"] = {"ray.io/accelerator-type": "H100"}
+    problems = k8s.placement_problems(spread, rayservice)
+    assert [d.deployment for d in k8s.replica_demands(spread)][-2:] == ["FullVerifier bundle 0",
+                                                                       "FullVerifier bundle 1"]
+    assert any(p.startswith("FullVerifier: placement_group_strategy 'PACK', expected 'STRICT_PACK'")
+               for p in problems), problems
+    assert any(p.startswith("FullVerifier: ray_actor_options.label_selector with placement_group_bundles")
+               for p in problems), problems
+    assert len(problems) == 2, problems
+
+
+def test_a_placement_group_never_fits_the_head(serve_config, rayservice):
+    head_like = copy.deepcopy(serve_config)
+    full = head_like["applications"][0]["args"]["serving"]["deployments"]["FullVerifier"]
+    full["ray_actor_options"] = {"num_cpus": 0}
+    full["placement_group_bundles"] = [{"CPU": 0}, {"CPU": 0}]
+    full["placement_group_bundle_label_selector"] = None
+    problems = k8s.placement_problems(head_like, rayservice)
+    assert any(p.startswith("FullVerifier: fits on the head") for p in problems), problems
 
 
 def test_placement_problems_are_reported(serve_config, rayservice):
@@ -265,8 +334,8 @@ def test_placement_problems_are_reported(serve_config, rayservice):
 
 def test_render_refuses_a_config_that_does_not_fit(tmp_path):
     config = yaml.safe_load(GPU_CONFIG.read_text())
-    actor = config["applications"][0]["args"]["serving"]["deployments"]["SlimVerifier"]["ray_actor_options"]
-    actor["label_selector"] = {"ray.io/accelerator-type": "A100"}
+    slim = config["applications"][0]["args"]["serving"]["deployments"]["SlimVerifier"]
+    slim["placement_group_bundle_label_selector"] = [{"ray.io/accelerator-type": "A100"}]
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="SlimVerifier: no worker group fits"):
@@ -292,7 +361,7 @@ def test_ray_autoscaler_adds_a_node_of_the_intended_group(serve_config, rayservi
     from ray.autoscaler.v2.instance_manager.config import NodeTypeConfig
     from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
     from ray.autoscaler.v2.utils import ResourceRequestUtil
-    from ray.core.generated.autoscaler_pb2 import ResourceRequestByCount
+    from ray.core.generated.autoscaler_pb2 import GangResourceRequest, ResourceRequestByCount
 
     node_types = _generate_available_node_types_from_ray_cr_spec(rayservice["spec"]["rayClusterConfig"])
     head, workers = k8s.cluster_groups(rayservice)
@@ -304,12 +373,22 @@ def test_ray_autoscaler_adds_a_node_of_the_intended_group(serve_config, rayservi
                                     resources=t["resources"], labels=t["labels"])
                for name, t in node_types.items() if t["max_workers"]}
     for demand in k8s.replica_demands(serve_config):
-        request = ResourceRequestUtil.make(demand.resources, label_selectors=ray_label_selector(demand.label_selector))
-        reply = ResourceDemandScheduler().schedule(SchedulingRequest(
-            disable_launch_config_check=True, node_type_configs=configs,
-            resource_requests=[ResourceRequestByCount(request=request, count=1)]))
+        if demand.bundles:  # a STRICT_PACK placement group, as the GCS reports it: a gang with affinity
+            affinity = [(ResourceRequestUtil.PlacementConstraintType.AFFINITY, "_PG_via_sd", "")]
+            gang = GangResourceRequest(requests=[
+                ResourceRequestUtil.make(b.resources, affinity, ray_label_selector(b.label_selector))
+                for b in demand.bundles])
+            scheduling = SchedulingRequest(disable_launch_config_check=True, node_type_configs=configs,
+                                           gang_resource_requests=[gang])
+        else:
+            request = ResourceRequestUtil.make(demand.resources,
+                                               label_selectors=ray_label_selector(demand.label_selector))
+            scheduling = SchedulingRequest(disable_launch_config_check=True, node_type_configs=configs,
+                                           resource_requests=[ResourceRequestByCount(request=request, count=1)])
+        reply = ResourceDemandScheduler().schedule(scheduling)
         launched = {launch.instance_type: launch.count for launch in reply.to_launch}
         assert launched == {GROUP_OF[demand.deployment]: 1}, demand
+        assert not reply.infeasible_gang_resource_requests, demand
 
 
 # ---- security ----------------------------------------------------------------------------------

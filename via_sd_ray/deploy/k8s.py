@@ -7,9 +7,12 @@ again and fails when the committed file differs.
 
 Words: a *group* is a KubeRay head or worker group, one kind of Ray node, with the resources and
 labels its nodes advertise to Ray. A *demand* is what one replica of a deployment asks Ray for:
-resources and a label selector. A demand *fits* a group when one node of the group can hold it.
-Rendering refuses manifests where a demand fits no worker group (its replicas would stay pending
-and the autoscaler would add no node for them) or fits the head (no replica may land there).
+resources and a label selector, or, for a replica that owns a placement group (a tensor-parallel
+verifier tier), its *bundles*, each with resources and a label selector. A demand *fits* a group
+when one node of the group can hold it: for a STRICT_PACK placement group, every bundle at once on
+that one node, each bundle's selector matching the group's labels. Rendering refuses manifests
+where a demand fits no worker group (its replicas would stay pending and the autoscaler would add
+no node for them) or fits the head (no replica may land there).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from via_sd_ray.config import DEPLOYMENTS, parse_config
+from via_sd_ray.config import DEPLOYMENTS, DeploymentOptions, parse_config
 from via_sd_ray.errors import ConfigError
 
 APP_ROOT = "/home/ray/via-sd"  # the project root inside the image: WORKDIR of k8s/Dockerfile
@@ -145,13 +148,26 @@ def _shown(path: Path, root: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Bundle:
+    """One bundle of a replica's placement group: its resources and the node labels it needs."""
+
+    resources: dict[str, float]
+    label_selector: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Demand:
-    """What one replica of a deployment asks Ray for, and how many replicas Serve may run."""
+    """What one replica of a deployment asks of one node, and how many replicas Serve may run.
+
+    A replica with a STRICT_PACK placement group is one demand: ``resources`` sums its ``bundles``
+    (all on one node) and every bundle's selector must match. Under the other strategies bundles may
+    land on different nodes, so each bundle is a demand of its own (``deployment`` names the bundle)."""
 
     deployment: str
     resources: dict[str, float]  # CPU, GPU, memory (bytes), custom resources; zeros left out
-    label_selector: dict[str, str]
+    label_selector: dict[str, str]  # the replica actor's; empty for a placement group (see bundles)
     max_replicas: int
+    bundles: tuple[Bundle, ...] = ()  # a STRICT_PACK placement group's bundles, bundle 0 the replica's
 
 
 @dataclass(frozen=True)
@@ -165,7 +181,8 @@ class Group:
 
 
 def replica_demands(serve_config: dict[str, Any]) -> list[Demand]:
-    """One demand per deployment of every application (per bundle when it uses a placement group)."""
+    """One demand per deployment of every application (per bundle when its placement group's bundles
+    may spread over nodes: any strategy but STRICT_PACK)."""
     demands = []
     for app in serve_config["applications"]:
         # placement does not depend on the profile (slim layers, thresholds), which may name a path in the image
@@ -178,8 +195,7 @@ def replica_demands(serve_config: dict[str, Any]) -> list[Demand]:
             else:
                 most = options.num_replicas if isinstance(options.num_replicas, int) else 1
             if options.placement_group_bundles:
-                for i, bundle in enumerate(options.placement_group_bundles):
-                    demands.append(Demand(f"{name} bundle {i}", _nonzero(bundle), {}, most))
+                demands.extend(_placement_group_demands(name, options, most))
                 continue
             num_cpus = actor.get("num_cpus")
             resources = {"CPU": SERVE_DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
@@ -200,7 +216,8 @@ def cluster_groups(rayservice: dict[str, Any]) -> tuple[Group, list[Group]]:
 
 def replicas_per_node(demand: Demand, group: Group) -> float:
     """How many replicas of ``demand`` one node of ``group`` holds (inf when it asks for nothing)."""
-    if not selector_matches(demand.label_selector, group.labels):
+    selectors = [b.label_selector for b in demand.bundles] or [demand.label_selector]
+    if not all(selector_matches(selector, group.labels) for selector in selectors):
         return 0
     return min((math.floor(group.resources.get(k, 0.0) / v + 1e-9) for k, v in demand.resources.items()),
                default=math.inf)
@@ -209,11 +226,12 @@ def replicas_per_node(demand: Demand, group: Group) -> float:
 def placement_problems(serve_config: dict[str, Any], rayservice: dict[str, Any]) -> list[str]:
     """Every demand that fits the head, fits no worker group, or whose ``max_replicas`` the worker
     groups cannot hold at their ``maxReplicas`` (each deployment counted alone, as if it had the
-    groups to itself)."""
+    groups to itself), and every verifier tier whose placement group does not match its
+    tensor-parallel ranks (tensor_parallel_problems)."""
     head, workers = cluster_groups(rayservice)
-    problems = []
+    problems = tensor_parallel_problems(serve_config)
     for demand in replica_demands(serve_config):
-        asked = f"{_describe(demand.resources)} with labels {demand.label_selector or '{}'}"
+        asked = _asked(demand)
         if replicas_per_node(demand, head):
             problems.append(f"{demand.deployment}: fits on the head ({asked}); the head must hold no replica")
         capacity = sum(replicas_per_node(demand, g) * g.max_nodes for g in workers)
@@ -223,6 +241,29 @@ def placement_problems(serve_config: dict[str, Any], rayservice: dict[str, Any])
         elif capacity < demand.max_replicas:
             problems.append(f"{demand.deployment}: up to {demand.max_replicas} replicas, but the worker groups "
                             f"hold at most {capacity}")
+    return problems
+
+
+def tensor_parallel_problems(serve_config: dict[str, Any]) -> list[str]:
+    """Verifier tiers whose replicas could not start their tensor-parallel ranks: tp > 1 needs tp
+    bundles packed on one node (rank 0, the replica, in bundle 0, ranks 1.. in the others), and the
+    GPU type then goes in the bundles' selector (Ray ignores an actor's own selector in a group)."""
+    problems = []
+    for app in serve_config["applications"]:
+        config = parse_config({**(app.get("args") or {}), "profile": None})
+        tp = config.models.verifier.tensor_parallel_size
+        for name in ("SlimVerifier", "FullVerifier"):
+            options = config.serving.deployments[name]
+            bundles = options.placement_group_bundles or []
+            if tp > 1 and len(bundles) != tp:
+                problems.append(f"{name}: {len(bundles)} placement_group_bundles, expected {tp} "
+                                f"(models.verifier.tensor_parallel_size, one bundle per rank)")
+            if tp > 1 and bundles and options.placement_group_strategy != "STRICT_PACK":
+                problems.append(f"{name}: placement_group_strategy {options.placement_group_strategy!r}, expected "
+                                f"'STRICT_PACK' (the {tp} ranks share one node)")
+            if bundles and (options.ray_actor_options or {}).get("label_selector"):
+                problems.append(f"{name}: ray_actor_options.label_selector with placement_group_bundles; expected "
+                                f"the labels in placement_group_bundle_label_selector")
     return problems
 
 
@@ -268,6 +309,28 @@ def _group(name: str, spec: dict[str, Any], max_nodes: int) -> Group:
     for key, value in (spec.get("resources") or {}).items():
         resources[{"cpu": "CPU", "gpu": "GPU", "memory": "memory"}.get(key.lower(), key)] = quantity(value)
     return Group(name, _nonzero(resources), dict(spec.get("labels") or {}), max_nodes)
+
+
+def _placement_group_demands(name: str, options: DeploymentOptions, most: int) -> list[Demand]:
+    """A STRICT_PACK placement group as one demand of all its bundles; otherwise one per bundle."""
+    selectors = options.placement_group_bundle_label_selector or [{}]
+    if len(selectors) == 1:  # one selector for every bundle, as Ray Serve broadcasts it
+        selectors = selectors * len(options.placement_group_bundles)
+    bundles = tuple(Bundle(_nonzero(b), dict(sel)) for b, sel in zip(options.placement_group_bundles, selectors))
+    if options.placement_group_strategy == "STRICT_PACK":
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for key, value in bundle.resources.items():
+                total[key] = total.get(key, 0.0) + value
+        return [Demand(name, total, {}, most, bundles)]
+    return [Demand(f"{name} bundle {i}", b.resources, b.label_selector, most) for i, b in enumerate(bundles)]
+
+
+def _asked(demand: Demand) -> str:
+    if not demand.bundles:
+        return f"{_describe(demand.resources)} with labels {demand.label_selector or '{}'}"
+    shown = ", ".join(f"{_describe(b.resources)} labels {b.label_selector or '{}'}" for b in demand.bundles)
+    return f"{_describe(demand.resources)} in one node, as {len(demand.bundles)} STRICT_PACK bundles ({shown})"
 
 
 def _nonzero(resources: dict[str, float]) -> dict[str, float]:
