@@ -167,6 +167,7 @@ def serve_scenario(record: dict, setup: str) -> None:
     import socket
 
     import httpx
+    import ray
     from ray import serve
     from ray.util.state import list_actors
 
@@ -211,7 +212,9 @@ def serve_scenario(record: dict, setup: str) -> None:
         return serve.get_deployment_handle("FullVerifier", app).stats.remote().result(timeout_s=60)
 
     before = full_verifier()
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    # name this cluster: another test's Ray may still be winding down on the machine
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
     replica = [a for a in actors if a["class_name"].endswith(":FullVerifier")]
     workers = [a for a in actors if a["class_name"] == "_ShardActor"
                and a["placement_group_id"] == replica[0]["placement_group_id"]]
