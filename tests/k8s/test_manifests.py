@@ -227,7 +227,7 @@ def test_serve_config_v2_parses_with_ray(serve_config):
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 8000
     assert schema.grpc_options.port == 9000
     assert schema.grpc_options.grpc_servicer_functions == [
-        "via_sd_ray.serving.grpc_gen.via_sd_pb2_grpc.add_ViaSDServicer_to_server"]
+        "via_sd_ray.serving.grpc_service.add_ViaSDServicer_to_server"]
     (app,) = serve_config["applications"]
     profile = app["args"]["profile"]
     assert profile.startswith(k8s.APP_ROOT + "/"), "the profile must resolve inside the image"

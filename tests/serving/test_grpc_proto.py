@@ -40,12 +40,64 @@ def test_stubs_live_in_the_package():
     assert protogen.PROTO.is_file() and protogen.OUT.name == "grpc_gen"
     for message in (pb.GenerateRequest, pb.GenerateChunk, pb.GenerateResponse, pb.Stats, pb.Usage, pb.ChatMessage):
         assert message.__module__ == "via_sd_ray.serving.grpc_gen.via_sd_pb2"
+    from via_sd_ray.serving import grpc_service
     from via_sd_ray.serving.app import GRPC_SERVICER
     from via_sd_ray.serving.grpc_gen import via_sd_pb2_grpc
 
     module, _, function = GRPC_SERVICER.rpartition(".")
-    assert module == via_sd_pb2_grpc.__name__ and callable(getattr(via_sd_pb2_grpc, function))
+    assert module == grpc_service.__name__ and callable(getattr(grpc_service, function))
     assert via_sd_pb2_grpc.via__sd__pb2 is pb  # the package-relative import protogen rewrites
+
+
+class Recorder:
+    """A grpc server stand-in that keeps what a servicer function registers."""
+
+    def __init__(self):
+        self.generic, self.registered = [], {}
+
+    def add_generic_rpc_handlers(self, handlers):
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service, handlers):
+        self.registered[service] = handlers
+
+
+def test_servicer_registers_the_generated_service_with_the_lenient_decoder():
+    from via_sd_ray.serving import grpc_service
+    from via_sd_ray.serving.grpc_gen import via_sd_pb2_grpc
+
+    ours, generated = Recorder(), Recorder()
+    servicer = via_sd_pb2_grpc.ViaSDServicer()
+    grpc_service.add_ViaSDServicer_to_server(servicer, ours)
+    via_sd_pb2_grpc.add_ViaSDServicer_to_server(servicer, generated)
+    assert ours.registered.keys() == generated.registered.keys() == {"via_sd.v1.ViaSD"}
+    mine, theirs = ours.registered["via_sd.v1.ViaSD"], generated.registered["via_sd.v1.ViaSD"]
+    assert mine.keys() == theirs.keys() == {"Generate", "GenerateStream"}
+    for name in mine:
+        assert (mine[name].request_streaming, mine[name].response_streaming) == \
+            (theirs[name].request_streaming, theirs[name].response_streaming)
+        assert mine[name].response_serializer is theirs[name].response_serializer
+        assert mine[name].request_deserializer is grpc_service.decode_request
+    good = pb.GenerateRequest(prompt="hi", max_tokens=3)
+    assert grpc_service.decode_request(good.SerializeToString()) == good
+
+
+@pytest.mark.parametrize(("raw", "starts"), [
+    (b"\x0a\x02\xff\xfe\x28\x04", "prompt: expected UTF-8 text"),  # prompt = b"\xff\xfe", max_tokens = 4
+    # messages[1].content is not UTF-8 (messages[0] is fine)
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="ok")]).SerializeToString()
+     + b"\x12\x06\x0a\x01u\x12\x01\xff", "messages.1.content: expected UTF-8 text"),
+    (b"\x0a\x10abc", "request: expected a serialized via_sd.v1.GenerateRequest"),  # length past the end
+    (b"\x0b", "request: expected a serialized via_sd.v1.GenerateRequest"),  # wire type 3 (a group)
+])
+def test_undecodable_requests_name_the_field(raw, starts):
+    from via_sd_ray.serving.grpc_service import WireError, decode_request
+
+    with pytest.raises(Exception):  # what Serve's proxy would have done with the generated decoder
+        pb.GenerateRequest.FromString(raw)
+    error = decode_request(raw)
+    assert isinstance(error, WireError) and error.message.startswith(starts), error
+    assert pickle.loads(pickle.dumps(error)) == error  # it travels to the Ingress replica
 
 
 def test_messages_pickle():

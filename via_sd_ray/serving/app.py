@@ -18,7 +18,7 @@ from via_sd_ray.serving.ingress import Ingress
 from via_sd_ray.serving.router import GenerationRouter
 from via_sd_ray.serving.tiers import DEPLOYMENT_OF_TIER, TierServer
 
-GRPC_SERVICER = "via_sd_ray.serving.grpc_gen.via_sd_pb2_grpc.add_ViaSDServicer_to_server"
+GRPC_SERVICER = "via_sd_ray.serving.grpc_service.add_ViaSDServicer_to_server"
 # Consistent hashing on the handle's session_id, which the router sets to the generation id.
 AFFINITY_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 

@@ -27,6 +27,7 @@ from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError, check_r
 from via_sd_ray.serving import openai_api as oa
 from via_sd_ray.serving.auth import BearerAuth
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
+from via_sd_ray.serving.grpc_service import WireError
 from via_sd_ray.serving.router import GenerateRequest
 
 app = FastAPI(title="via-sd-ray", docs_url=None, redoc_url=None)
@@ -302,6 +303,8 @@ class Ingress:
 
     def _from_grpc(self, request: "pb.GenerateRequest", grpc_context) -> GenerateRequest:
         self.auth.check_metadata(grpc_context.invocation_metadata() if grpc_context is not None else None)
+        if isinstance(request, WireError):  # serving/grpc_service.py could not decode the message
+            raise InvalidRequest(request.message)
         size = request.ByteSize()
         if size > self.max_request_bytes:
             raise RequestTooLarge(f"request: expected at most {self.max_request_bytes} bytes "
