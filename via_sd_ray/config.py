@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from via_sd_ray.core.policy import SCORES, Mode, RouterPolicy
 from via_sd_ray.errors import ConfigError
 
-DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 PROMPT_LOOKUP = "prompt-lookup"
 
 
@@ -28,7 +28,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     source: str = Field(description="Registry name (`via-sd models list`), Hugging Face id, local checkpoint "
                         "directory, .gguf file, or `tiny-random:<name>` for tests.")
-    dtype: DTypeName = Field("bfloat16", description="Weight and activation dtype (bf16 is fastest on CPU here).")
+    dtype: DTypeName = Field("auto", description="Weight and activation dtype. auto: bf16 on GPUs that have it and on "
+                             "CPUs with native bf16 instructions (AVX512-BF16, AMX, Arm BF16), else float16 on "
+                             "GPUs and float32 on CPUs.")
     revision: str | None = Field(None, description="Hub revision, for Hugging Face ids.")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the tier runs: cpu, cuda, "
