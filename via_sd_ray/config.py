@@ -92,6 +92,24 @@ class BlockShape(_Strict):
     draft_stop_threshold: float = Field(0.0, ge=0, le=1, description="As router.draft_stop_threshold.")
 
 
+class RouterPreset(_Strict):
+    """A named point of the speed-quality curve (`via-sd calibrate` writes them): router fields it sets."""
+
+    block_size: int | None = Field(None, ge=1, le=64, description="As router.block_size.")
+    direct_threshold: float | None = Field(None, ge=0, le=1, description="As router.direct_threshold.")
+    slim_threshold: float | None = Field(None, ge=0, le=1, description="As router.slim_threshold.")
+    escalate_threshold: float | None = Field(None, ge=0, le=1, description="As router.escalate_threshold.")
+    score: Literal[SCORES] | None = Field(None, description="As router.score.")
+    draft_stop_threshold: float | None = Field(None, ge=0, le=1, description="As router.draft_stop_threshold.")
+    deferred_check: bool | None = Field(None, description="As router.deferred_check.")
+    max_direct_run: int | None = Field(None, ge=0, le=1024, description="As router.max_direct_run.")
+    measured: dict[str, Any] | None = Field(None, description="What calibration measured for this point "
+                                            "(speedup, free-running fidelity); informational.")
+
+    def fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"measured"})
+
+
 class RouterConfig(_Strict):
     mode: Mode = Field(Mode.VIA_SD, description="ar: full verifier alone; sd: drafter + full verifier; "
                        "via-sd: drafter + slim + full verifier.")
@@ -108,8 +126,17 @@ class RouterConfig(_Strict):
     score: Literal[SCORES] = Field("min", description="How token probabilities make a block confidence.")
     draft_stop_threshold: float = Field(0.0, ge=0, le=1, description="The drafter ends a block after a token whose "
                                         "probability is below this (0: always K tokens).")
+    deferred_check: bool = Field(False, description="Hold direct blocks (and greedy slim verdicts) until the full "
+                               "verifier checks them in its next call (with the next block; it runs them anyway as "
+                               "catch-up) and roll back at the first disagreement: via-sd then keeps the full "
+                               "model's output (greedy) or distribution (sampled), at a block of streaming delay.")
+    max_direct_run: int = Field(0, ge=0, le=1024, description="Most consecutive direct blocks before one goes to a "
+                                "verifier (with deferred_check: most blocks held); 0: no limit.")
     sd: BlockShape | None = Field(None, description="Block shape of the `sd` mode when it differs from via-sd's "
                                   "(long blocks pay off when every block is verified; calibrated separately).")
+    presets: dict[str, RouterPreset] = Field(default_factory=dict, description="Named router settings a request "
+                                             "selects with via_sd.profile (e.g. `fast`: a measured fidelity loss "
+                                             "for speed); `default` is the router's own fields.")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -120,8 +147,15 @@ class RouterConfig(_Strict):
             )
         return self
 
-    def policy(self, **overrides) -> RouterPolicy:
-        fields = self.model_dump(exclude={"sd"}) | {k: v for k, v in overrides.items() if v is not None}
+    def policy(self, preset: str | None = None, **overrides) -> RouterPolicy:
+        """The policy of this router, with a named preset's fields and then ``overrides`` (None: unset) applied."""
+        fields = self.model_dump(exclude={"sd", "presets"})
+        if preset not in (None, "default"):
+            if preset not in self.presets:
+                raise ConfigError(f"router.profile: expected one of {['default', *self.presets]}, "
+                                  f"received {preset!r}")
+            fields |= self.presets[preset].fields()
+        fields |= {k: v for k, v in overrides.items() if v is not None}
         if self.sd is not None and Mode(fields["mode"]) is Mode.SD:
             shape = self.sd.model_dump()
             fields |= {k: v for k, v in shape.items() if overrides.get(k) is None}

@@ -401,3 +401,67 @@ def test_a_block_cap_shortens_blocks_as_it_changes_and_keeps_greedy_output():
     assert all(p <= min(3, c) for p, c in zip(proposed, seen))
     assert proposed[2:4] == [0, 0]  # cap 0: the full verifier decodes one token, nothing is drafted
     assert len(toy.drafter.drafts) == sum(1 for p in proposed if p)
+
+
+# -- deferred_check: direct blocks held until the full verifier checks them ---------------------------
+
+
+@pytest.mark.parametrize("max_direct_run", [0, 1, 3])
+@pytest.mark.parametrize("direct_threshold", [0.0, 0.3, 0.62, 0.9])
+def test_checked_direct_blocks_keep_greedy_output_equal_to_the_full_model(direct_threshold, max_direct_run):
+    tables = toy_tables()
+    policy = RouterPolicy(mode="via-sd", block_size=2, direct_threshold=direct_threshold,
+                          slim_threshold=min(0.1, direct_threshold), escalate_threshold=0.5, deferred_check=True,
+                          max_direct_run=max_direct_run)
+    held = rolled_back = 0
+    for prompt in ([0], [1], [2, 3]):
+        want = run(toy_table_tiers(tables), greedy(max_tokens=16), RouterPolicy(mode="ar"), prompt=prompt)[0]
+        generation, commits = run(toy_table_tiers(tables), greedy(max_tokens=16), policy, prompt=prompt)
+        assert generation.output_ids == want.output_ids
+        assert [t for c in commits for t in c.tokens] == generation.output_ids  # no token streamed twice
+        assert all(c.tier is not Tier.DIRECT for c in commits)  # only verified tokens are released
+        direct = [r for r in generation.stats.records if r.tier is Tier.DIRECT]
+        held += len(direct)
+        rolled_back += sum(r.accepted < r.proposed for r in direct)
+        if max_direct_run:
+            runs, longest = 0, 0
+            for r in generation.stats.records:
+                runs = runs + 1 if r.tier is Tier.DIRECT else 0
+                longest = max(longest, runs)
+            assert longest <= max_direct_run
+    if direct_threshold <= 0.62:
+        assert held > 0 and rolled_back > 0  # blocks were held, and the check caught some of them
+
+
+def test_checked_direct_blocks_reach_the_full_verifier_with_the_next_block():
+    # the drafter is sure of the first 6 tokens (direct), then unsure (full); the full model agrees on 0..3 only
+    out = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]
+    full_out = out[:4] + [90] + out[5:]
+    toy = tiers(scripted(out, lambda pos: 0.99 if pos < 6 else 0.3), scripted(out), scripted(full_out, 0.99))
+    policy = RouterPolicy(mode="via-sd", block_size=3, direct_threshold=0.9, slim_threshold=0.9, deferred_check=True)
+    generation, commits = run(toy, greedy(max_tokens=12), policy)
+    call, verdict = toy.full.verdicts[0]
+    assert call.committed == PROMPT and call.block == out[:9]  # two held blocks + the unsure one
+    assert verdict.accepted == 4 and commits[0].tokens == full_out[:5]  # rolled back at the disagreement
+    assert generation.output_ids == full_out
+    first = generation.stats.records[:3]
+    assert [r.tier for r in first] == [Tier.DIRECT, Tier.DIRECT, Tier.FULL]
+    assert [(r.accepted, r.committed) for r in first] == [(3, 3), (1, 2), (0, 0)]
+
+
+def test_a_held_block_holding_eos_is_checked_at_once():
+    out = [40, 41, EOS, 43, 44]
+    toy = tiers(scripted(out, 0.99), scripted(out), scripted(out, 0.99))
+    policy = RouterPolicy(mode="via-sd", block_size=4, direct_threshold=0.9, slim_threshold=0.9, deferred_check=True)
+    generation, commits = run(toy, greedy(max_tokens=12), policy)
+    assert generation.output_ids == out[:3] and generation.finish_reason == "stop"
+    assert len(toy.drafter.drafts) == 1 and toy.full.verdicts[0][0].block == [40, 41, EOS, 43]
+
+
+def test_sampled_checked_direct_via_sd_follows_the_full_model():
+    tables, n = toy_tables(), 8_000
+    policy = RouterPolicy(mode="via-sd", block_size=2, direct_threshold=0.3, slim_threshold=0.0,
+                          deferred_check=True)
+    freq, tiers_seen = sampled_first_two(tables, policy, n)
+    assert tiers_seen["direct"] > n // 10
+    assert tv_distance(freq, exact_first_two(tables["full"])) < tv_bound(VS * VS, n)

@@ -123,3 +123,21 @@ def test_prompt_lookup_drafts_keep_greedy_output_exact(lookup_engine):
         assert result.token_ids == ar.token_ids, name
         proposed += result.stats.proposed
     assert proposed > 0
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+def test_deferred_check_makes_greedy_via_sd_equal_ar_for_every_threshold(tiny_engine, references, block_size):
+    """Real runners (KV rollback of held tokens, catch-up), float64: every threshold setting keeps ar's tokens."""
+    held = 0
+    for direct in (0.0, 0.05, 0.3, 0.9):
+        for slim in (0.0, direct):
+            for score in ("min", "prod"):
+                policy = RouterPolicy(mode="via-sd", block_size=block_size, direct_threshold=direct,
+                                      slim_threshold=slim, escalate_threshold=0.5, score=score,
+                                      deferred_check=True)
+                for text, (ids, ar) in references.items():
+                    result = tiny_engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS), policy)
+                    assert result.token_ids == ar.token_ids, (text, direct, slim, score)
+                    assert result.finish_reason == ar.finish_reason
+                    held += result.stats.tier_blocks["direct"] + result.stats.tier_blocks["slim"]
+    assert held > 0

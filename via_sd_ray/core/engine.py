@@ -110,53 +110,91 @@ class Generation:
 
     def steps(self) -> Generator[DraftCall | VerifyCall | Commit, Draft | Verdict | None, GenerationStats]:
         policy, params = self.policy, self.params
-        block_index = 0
+        block_index, direct_run = 0, 0
+        held = _Held()  # tokens decided without the full verifier, waiting for its check (deferred_check)
         while self.finish_reason is None:
-            remaining = params.max_tokens - len(self.output_ids)
+            remaining = params.max_tokens - len(self.output_ids) - len(held.tokens)
             k = min(policy.block_size, remaining - 1) if policy.uses_drafter else 0
             cap = self.block_cap() if self.block_cap else None
             if cap is not None:
-                k = min(k, cap)
+                k = min(k, cap - len(held.tokens))  # the verify pass carries the held tokens too
             draft = Draft([], [])
             if k > 0:
-                draft = yield DraftCall(self.generation_id, self.committed, k, params,
+                draft = yield DraftCall(self.generation_id, self.committed + held.tokens, k, params,
                                         self._seed("draft", block_index), policy.draft_stop_threshold)
             confidence = block_confidence(draft.token_probs, policy.score)
-            tier = self._route(draft, confidence)
+            tier = self._route(draft, confidence, direct_run)
+            direct_run = direct_run + 1 if tier is Tier.DIRECT else 0
             record = BlockRecord(tier=tier, proposed=len(draft.tokens), confidence=confidence)
+            block_index += 1
             if tier is Tier.DIRECT:
+                if policy.deferred_check:
+                    held.add(list(draft.tokens), draft, record)
+                    continue
                 new = list(draft.tokens)
             elif tier is Tier.SLIM:
-                new = yield from self._slim(draft, block_index, record)
+                new = yield from self._slim(draft, block_index - 1, record, held)
+                if new is None:  # held until the full verifier's next call
+                    continue
             else:
-                verdict = yield self._verify_call(Tier.FULL, self.committed, draft.tokens, draft.probs, block_index)
-                new = verdict.tokens(draft.tokens)
+                block = held.tokens + draft.tokens
+                verdict = yield self._verify_call(Tier.FULL, self.committed, block, held.probs(draft),
+                                                  block_index - 1)
+                new = verdict.tokens(block)
             committed = self._commit(new)
-            record.accepted = _common_prefix(draft.tokens, committed)  # draft tokens committed at their position
-            record.committed = len(committed)
-            self.stats.record(record)
+            self._record(held.records + [record], held.drafts + [draft.tokens], held.spans, committed)
+            held = _Held()
             yield Commit(committed, tier, self.finish_reason)
-            block_index += 1
         return self.stats
 
-    def _route(self, draft: Draft, confidence: float) -> Tier:
+    def _route(self, draft: Draft, confidence: float, direct_run: int) -> Tier:
         if not draft.tokens:
             return Tier.FULL
-        if self.policy.lossless and not self.params.greedy and self.policy.mode is Mode.VIA_SD:
+        policy = self.policy
+        if policy.lossless and not self.params.greedy and policy.mode is Mode.VIA_SD:
             # Rejection sampling is exact for proposals drawn from the drafter's distribution. Choosing the
             # verification path by the sampled block's own confidence conditions the proposals on that choice
             # and biases the output, so every sampled block takes one path: drafter -> slim -> full.
             return Tier.SLIM
-        return self.policy.route(confidence)
+        tier = policy.route(confidence, direct_run)
+        if policy.deferred_check and tier is not Tier.FULL:
+            if tier is Tier.DIRECT and self._stops.intersection(draft.tokens):
+                return Tier.FULL  # a block that may end the generation is checked now, not drafted past
+            if tier is Tier.SLIM and not self.params.greedy:
+                # a sampled slim verdict is no sample of the drafter's q, so rejection sampling against q
+                # could not check it later: sampled blocks of medium confidence go to the full verifier
+                return Tier.FULL
+        return tier
 
-    def _slim(self, draft: Draft, block_index: int, record: BlockRecord):
-        verdict = yield self._verify_call(Tier.SLIM, self.committed, draft.tokens, draft.probs, block_index,
-                                          return_probs=not self.params.greedy)
+    def _record(self, records: list[BlockRecord], drafts: list[list[int]], spans: list[int],
+                committed: list[int]) -> None:
+        """Stats of the blocks one commit decided: each held block, then the block that closed them."""
+        offset = 0
+        for i, (record, draft) in enumerate(zip(records, drafts)):
+            span = len(committed) if i == len(records) - 1 else spans[i]
+            part = committed[offset: offset + span]
+            record.accepted = _common_prefix(draft, part)  # draft tokens committed at their position
+            record.committed = len(part)
+            self.stats.record(record)
+            offset += span
+
+    def _slim(self, draft: Draft, block_index: int, record: BlockRecord, held: _Held):
+        """The tokens the slim verifier (and, where it escalates, the full verifier) commit for ``draft``;
+        None when they join ``held`` (deferred_check: greedy only, see ``_route``)."""
+        verdict = yield self._verify_call(Tier.SLIM, self.committed + held.tokens, draft.tokens, draft.probs,
+                                          block_index, return_probs=not self.params.greedy)
         candidate = verdict.tokens(draft.tokens)  # accepted prefix + slim's recovered or bonus token
         cut = self.policy.escalate_at(verdict.confidence)
+        if cut is None and self.policy.deferred_check:
+            held.add(candidate, draft, record)
+            return None
         if cut is None:
             return candidate
         record.escalated = True
+        if self.policy.deferred_check:  # greedy: the full verifier checks the held tokens and the candidate
+            block = held.tokens + candidate
+            full = yield self._verify_call(Tier.FULL, self.committed, block, None, block_index)
+            return full.tokens(block)
         head, tail = candidate[:cut], candidate[cut:]
         # The slim verifier's outputs are samples of its own distribution, so that is the proposal.
         tail_probs = verdict.probs[cut:] if verdict.probs is not None else None
@@ -196,6 +234,32 @@ class Generation:
         text = self.decode(self.output_ids)
         self.stop_text_end = min((i for s in self.params.stop if (i := text.find(s)) >= 0), default=len(text))
         return True
+
+
+@dataclass
+class _Held:
+    """Tokens decided without the full verifier (direct blocks; greedy slim verdicts), not yet committed:
+    the full verifier checks them with the next block it gets."""
+
+    tokens: list[int] = field(default_factory=list)
+    spans: list[int] = field(default_factory=list)  # tokens each held block contributed
+    drafts: list[list[int]] = field(default_factory=list)  # each held block's draft
+    records: list[BlockRecord] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # [k, V] drafter distributions per block (sampling)
+
+    def add(self, tokens: list[int], draft: Draft, record: BlockRecord) -> None:
+        self.tokens += tokens
+        self.spans.append(len(tokens))
+        self.drafts.append(list(draft.tokens))
+        self.records.append(record)
+        if draft.probs is not None:
+            self.rows.append(draft.probs)
+
+    def probs(self, draft: Draft) -> torch.Tensor | None:
+        """The proposals' distributions, held blocks first: [len(tokens) + len(draft.tokens), V]."""
+        if not self.rows:
+            return draft.probs
+        return torch.cat(self.rows + ([draft.probs] if draft.probs is not None else []))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -11,6 +11,15 @@ The slim verifier escalates from the first position where its own top probabilit
 below ``escalate_threshold``. In the lossless setting every block ends at the full
 verifier: high-confidence blocks go straight to it, and the slim tier only improves
 medium blocks before the full verifier checks them.
+
+With ``deferred_check``, a direct block (or, greedy, a slim verdict that does not
+escalate) is not committed at once: it is held, the drafter drafts on after it, and the
+full verifier checks the held tokens together with the next block that goes to it (it
+would run them anyway, as catch-up). The first disagreement rolls the held tokens back.
+Greedy output then equals the full model's, and sampled output follows its distribution
+(each held token meets rejection sampling against the full model like any draft; sampled
+medium blocks go to the full verifier); the cost is a block or so of streaming delay and
+the drafts rolled back. ``max_direct_run`` limits consecutive direct blocks (and so the tokens held).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class RouterPolicy:
     lossless: bool = False
     score: str = "min"
     draft_stop_threshold: float = 0.0
+    deferred_check: bool = False
+    max_direct_run: int = 0  # most consecutive direct blocks before one goes to a verifier; 0: no limit
 
     def __post_init__(self):
         try:
@@ -99,17 +110,21 @@ class RouterPolicy:
             )
         if self.score not in SCORES:
             raise ConfigError(f"router.score: expected one of {SCORES}, received {self.score!r}")
+        if not 0 <= self.max_direct_run <= 1024:
+            raise ConfigError(f"router.max_direct_run: expected an int in [0, 1024], received {self.max_direct_run!r}")
 
     @property
     def uses_drafter(self) -> bool:
         return self.mode is not Mode.AR
 
-    def route(self, confidence: float) -> Tier:
-        """The tier that decides a block of the given confidence."""
+    def route(self, confidence: float, direct_run: int = 0) -> Tier:
+        """The tier that decides a block of the given confidence, after ``direct_run`` direct blocks in a row."""
         if self.mode is not Mode.VIA_SD:
             return Tier.FULL
         if confidence >= self.direct_threshold:
-            return Tier.FULL if self.lossless else Tier.DIRECT
+            if self.lossless or (self.max_direct_run and direct_run >= self.max_direct_run):
+                return Tier.FULL
+            return Tier.DIRECT
         if confidence >= self.slim_threshold:
             return Tier.SLIM
         return Tier.FULL
