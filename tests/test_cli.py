@@ -50,19 +50,42 @@ def test_bench_writes_stable_record(tmp_path, prompts_file, capsys):
                  "ar,sd,via-sd,via-sd-lossless,hf,hf-assisted", "--json", str(out), "--prompts", prompts_file,
                  "--plot", str(tmp_path / "bench.png")]) == 0
     record = json.loads(out.read_text())
-    assert record["schema"] == "via-sd-bench/1"
+    assert record["schema"] == "via-sd-bench/2"
     modes = record["modes"]
     for mode in ("ar", "sd", "via-sd", "via-sd-lossless"):
         for key in ("tokens_per_s", "speedup_vs_ar", "mean_accepted", "acceptance_rate", "tier_fractions",
-                    "fidelity", "analytic_speedup", "measured_over_analytic", "time_split"):
+                    "free_running", "fidelity", "analytic_speedup", "measured_over_analytic", "time_split"):
             assert key in modes[mode], (mode, key)
     assert modes["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
     assert modes["sd"]["fidelity"] == pytest.approx(1.0) and modes["via-sd-lossless"]["fidelity"] == pytest.approx(1.0)
+    for mode in ("ar", "sd", "via-sd-lossless"):  # float32 tiny models: the lossless modes are ar's tokens
+        assert modes[mode]["free_running"]["identical_share"] == 1.0
+        assert modes[mode]["free_running"]["prefix_fraction"] == 1.0
     assert modes["sd"]["analytic_speedup"] > 0
     assert set(record["targets"]) == {"ar_over_hf", "sd_over_analytic", "sd_over_hf_assisted", "via_sd_over_sd",
-                                      "via_sd_fidelity"}
+                                      "via_sd_prefix_fraction_minus_sd"}
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_bench_check_code_reports_pass_rates_and_presets(tmp_path, capsys):
+    app = tmp_path / "app.yaml"
+    app.write_text(yaml.safe_dump({"models": {
+        "drafter": {"source": "tiny-random:drafter", "dtype": "float32", "quantization": "none"},
+        "verifier": {"source": "tiny-random:verifier", "dtype": "float32"}},
+        "router": {"direct_threshold": 0.0, "slim_threshold": 0.0, "deferred_check": True,
+                   "presets": {"fast": {"deferred_check": False}}}}))
+    out = tmp_path / "code.json"
+    assert main(["bench", "--config", str(app), "--check-code", "--num-prompts", "2", "--max-tokens", "8",
+                 "--modes", "sd,via-sd,via-sd:fast", "--json", str(out)]) == 0
+    modes = json.loads(out.read_text())["modes"]
+    for mode in ("sd", "via-sd", "via-sd:fast"):
+        assert modes[mode]["code"]["total"] == 2 and modes[mode]["code"]["passed"] == 0  # random models
+    assert modes["via-sd"]["free_running"]["identical_share"] == 1.0  # every block direct, each one checked
+    assert modes["via-sd"]["tier_blocks"]["direct"] > 0
+    assert modes["via-sd:fast"]["tier_blocks"]["direct"] > 0
+    assert modes["via-sd:fast"]["free_running"]["prefix_fraction"] < 1.0  # the same blocks unchecked drift
+    assert "pass" in capsys.readouterr().out
 
 
 def test_bench_rejects_unknown_mode(prompts_file, capsys):
@@ -73,16 +96,29 @@ def test_bench_rejects_unknown_mode(prompts_file, capsys):
 def test_calibrate_writes_a_profile_configs_can_use(tmp_path, prompts_file):
     out = tmp_path / "profile.yaml"
     assert main(["calibrate", "--config", TINY, "--num-prompts", "3", "--max-tokens", "16", "--trials", "3",
-                 "--min-layers", "2", "--target-fidelity", "0.9", "--out", str(out), "--prompts", prompts_file]) == 0
+                 "--min-layers", "2", "--target-fidelity", "0.9", "--fast-fidelity", "0.3", "--confirm-prompts", "2",
+                 "--out", str(out), "--prompts", prompts_file]) == 0
     profile = yaml.safe_load(out.read_text())
     assert profile["slim"]["layers"] and set(profile["router"]) >= {"direct_threshold", "slim_threshold",
-                                                                   "escalate_threshold", "block_size"}
-    assert profile["calibration"]["predicted"]["fidelity"] >= 0.9
+                                                                   "escalate_threshold", "block_size",
+                                                                   "deferred_check", "presets"}
+    cal = profile["calibration"]
+    assert cal["predicted"]["prefix_fraction"] >= 0.9
+    assert cal["confirmed"]["default"]["prompts"] == 2 and cal["confirmed"]["fast"]["prefix_fraction"] is not None
+    assert cal["confirmed"]["default"]["prefix_fraction"] >= 0.9  # measured, or replaced by a deferred point
+    front = cal["pareto"]
+    assert front and all(a["speedup_vs_ar"] < b["speedup_vs_ar"] and a["prefix_fraction"] >= b["prefix_fraction"]
+                         for a, b in zip(front, front[1:]))
+    fast = profile["router"]["presets"]["fast"]
+    assert fast["measured"]["predicted"]["prefix_fraction"] >= 0.3
+    assert out.with_suffix(".png").stat().st_size > 0
     app = tmp_path / "app.yaml"
     app.write_text(yaml.safe_dump({"profile": str(out), "models": {
         "drafter": {"source": "tiny-random:drafter", "dtype": "float32"},
         "verifier": {"source": "tiny-random:verifier", "dtype": "float32"}}}))
     assert main(["generate", "--config", str(app), "--prompt", "x", "--max-tokens", "4", "--json"]) == 0
+    assert main(["bench", "--config", str(app), "--modes", "via-sd,via-sd:fast", "--num-prompts", "1",
+                 "--max-tokens", "4", "--prompts", prompts_file]) == 0
 
 
 def test_models_list(capsys):

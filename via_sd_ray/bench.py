@@ -1,9 +1,15 @@
 """``via-sd bench``: every mode on the same ShareGPT code prompts, side by side in one run.
 
-Modes: ``ar`` (full verifier alone), ``sd`` (drafter + full verifier), ``via-sd``,
+Modes: ``ar`` (full verifier alone), ``sd`` (drafter + full verifier), ``via-sd`` (the
+config's default router), ``via-sd:NAME`` (the router preset NAME, e.g. ``via-sd:fast``),
 ``via-sd-lossless``, and the transformers peers ``hf`` (``generate``) and ``hf-assisted``
 (``generate(assistant_model=drafter)``). Modes are interleaved prompt by prompt, so
 drift in machine speed hits all of them alike. All runs are greedy.
+
+Fidelity is free-running (``core.fidelity``): each mode's own generation against ``ar``'s
+for the same prompt (``ar`` is run untimed when it is not among the modes). ``--check-code``
+runs the packaged code set (``via_sd_ray/codecheck_data.json``: raw-completion prompts with
+unit tests) instead of ShareGPT and reports each mode's pass rate.
 
 The JSON record (``schema: via-sd-bench/1``) has, per mode (``modes.<mode>``):
 
@@ -14,8 +20,13 @@ The JSON record (``schema: via-sd-bench/1``) has, per mode (``modes.<mode>``):
   accepted / proposed draft tokens; ``tokens_per_block``: committed tokens per block;
 - ``tier_fractions``: share of blocks decided by ``direct`` / ``slim`` / ``full``;
   ``escalations``: blocks the slim verifier handed to the full verifier;
+- ``free_running``: against ``ar``'s generations: ``identical_share`` (generations
+  token-identical to ``ar``'s), ``prefix_fraction`` (mean first divergence / length),
+  ``mean_first_divergence`` (token index, over those that diverge), per-prompt ``first_divergence``;
 - ``fidelity``: teacher-forced share of completion tokens equal to the full model's
-  argmax given the same prefix (one batched pass of the full verifier per completion);
+  argmax given the same prefix (one batched pass of the full verifier per completion), a
+  secondary figure: it forgives every token after a divergence;
+- ``code``: with ``--check-code``, ``passed`` / ``total`` / ``pass_rate`` / ``failed``;
 - ``analytic_speedup``: for ``sd``, Leviathan et al.: E[tokens/block] = (1 - a^(K+1)) / (1 - a)
   divided by the block cost K * c + v, with a the acceptance rate, K the mean block size,
   c the drafter's time per draft token and v the full verifier's time per call, both over
@@ -39,7 +50,9 @@ from pathlib import Path
 
 import torch
 
+from via_sd_ray.codecheck import STOP, load_problems, pass_rate
 from via_sd_ray.config import PROMPT_LOOKUP, load_config
+from via_sd_ray.core.fidelity import FreeRunning
 from via_sd_ray.core.policy import Mode
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
@@ -48,7 +61,7 @@ from via_sd_ray.errors import ConfigError
 from via_sd_ray.models.local import LocalEngine
 
 MODES = ("ar", "sd", "via-sd", "via-sd-lossless", "hf", "hf-assisted")
-SCHEMA = "via-sd-bench/1"
+SCHEMA = "via-sd-bench/2"
 
 
 @dataclass
@@ -61,6 +74,7 @@ class ModeRun:
     tier_seconds: dict[str, float] = field(default_factory=lambda: {"drafter": 0.0, "slim": 0.0, "full": 0.0})
     tier_calls: dict[str, int] = field(default_factory=lambda: {"drafter": 0, "slim": 0, "full": 0})
     fidelity_hits: int = 0
+    texts: list[str] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -72,12 +86,15 @@ class ModeRun:
 
 
 def policy_for(engine: LocalEngine, mode: str):
+    if mode.startswith("via-sd:"):
+        return engine.config.router.policy(preset=mode.split(":", 1)[1], mode=Mode.VIA_SD, lossless=False)
     if mode == "via-sd-lossless":
         return engine.config.router.policy(mode=Mode.VIA_SD, lossless=True)
     return engine.config.router.policy(mode=Mode(mode), lossless=False if mode == "via-sd" else None)
 
 
-def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: int, run: ModeRun) -> None:
+def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: int, run: ModeRun,
+             stop: tuple[str, ...] = ()) -> None:
     if mode in ("hf", "hf-assisted"):
         kwargs = {}
         if mode == "hf-assisted":
@@ -93,10 +110,12 @@ def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: 
                                                  eos_token_id=list(engine.eos_token_ids), **kwargs)
         run.elapsed += time.perf_counter() - start
         run.outputs.append(out[0, len(prompt_ids):].tolist())
+        run.texts.append(engine.decode(run.outputs[-1]))  # stop strings: the code check cuts at them
         return
-    result = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens), policy_for(engine, mode))
+    result = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, stop=stop), policy_for(engine, mode))
     run.elapsed += result.elapsed
     run.outputs.append(result.token_ids)
+    run.texts.append(result.text)
     run.stats.merge(result.stats)
     for tier in run.tier_seconds:
         run.tier_seconds[tier] += result.times.seconds[tier]
@@ -113,7 +132,7 @@ def teacher_forced_hits(engine: LocalEngine, prompt_ids: list[int], output: list
     return int((logits.argmax(-1) == torch.tensor(output)).sum())
 
 
-def summarize(runs: dict[str, ModeRun], block_size: int) -> dict:
+def summarize(runs: dict[str, ModeRun], references: list[list[int]]) -> dict:
     ar = runs.get("ar")
     t_ar = ar.tier_seconds["full"] / ar.tier_calls["full"] if ar and ar.tier_calls["full"] else None
     out = {}
@@ -124,6 +143,7 @@ def summarize(runs: dict[str, ModeRun], block_size: int) -> dict:
             "speedup_vs_ar": run.tokens_per_s / ar.tokens_per_s if ar and ar.tokens_per_s else None,
             "completion_tokens": run.tokens,
             "elapsed_s": run.elapsed,
+            "free_running": FreeRunning.of(references, run.outputs).to_dict(),
             "fidelity": run.fidelity_hits / run.tokens if run.tokens else None,
         }
         if mode not in ("hf", "hf-assisted"):
@@ -179,26 +199,33 @@ def targets(summary: dict) -> dict:
         return None
 
     via, sd = summary.get("via-sd"), summary.get("sd")
+    gap = None
+    if via and sd:
+        gap = via["free_running"]["prefix_fraction"] - sd["free_running"]["prefix_fraction"]
     return {
         "ar_over_hf": {"value": ratio("ar", "hf"), "goal": ">= 1.0"},
         "sd_over_analytic": {"value": sd and sd.get("measured_over_analytic"), "goal": ">= 0.9"},
         "sd_over_hf_assisted": {"value": ratio("sd", "hf-assisted"), "goal": ">= 1.2"},
-        "via_sd_over_sd": {"value": ratio("via-sd", "sd"), "goal": ">= 1.2"},
-        "via_sd_fidelity": {"value": via and via["fidelity"], "goal": ">= 0.97"},
+        "via_sd_over_sd": {"value": ratio("via-sd", "sd"), "goal": ">= 1.1"},
+        "via_sd_prefix_fraction_minus_sd": {"value": gap, "goal": ">= -0.03"},
     }
 
 
-def print_table(summary: dict, file=sys.stdout) -> None:
+def print_table(summary: dict, file=None) -> None:
+    file = file or sys.stdout
     head = (f"{'mode':16s} {'tok/s':>7s} {'xAR':>5s} {'acc/blk':>7s} {'acc%':>5s} {'tok/blk':>7s} "
-            f"{'direct':>6s} {'slim':>5s} {'full':>5s} {'escal':>5s} {'fidelity':>8s} {'analytic':>8s} {'meas/an':>7s}")
+            f"{'direct':>6s} {'slim':>5s} {'full':>5s} {'escal':>5s} {'ident':>5s} {'prefix':>6s} {'1st-div':>7s} "
+            f"{'tf-fid':>6s} {'pass':>5s} {'analytic':>8s} {'meas/an':>7s}")
     print(head, file=file)
     for mode, e in summary.items():
-        tf = e.get("tier_fractions") or {}
+        tf, fr = e.get("tier_fractions") or {}, e["free_running"]
+        code = (e.get("code") or {}).get("pass_rate")
         print(f"{mode:16s} {e['tokens_per_s']:7.2f} {_f(e['speedup_vs_ar'], 5)} {_f(e.get('mean_accepted'), 7)} "
               f"{_f(e.get('acceptance_rate'), 5)} {_f(e.get('tokens_per_block'), 7)} {_f(tf.get('direct'), 6)} "
               f"{_f(tf.get('slim'), 5)} {_f(tf.get('full'), 5)} {str(e.get('escalations', '-')):>5s} "
-              f"{_f(e['fidelity'], 8, 3)} {_f(e.get('analytic_speedup'), 8)} {_f(e.get('measured_over_analytic'), 7)}",
-              file=file)
+              f"{_f(fr['identical_share'], 5)} {_f(fr['prefix_fraction'], 6, 3)} "
+              f"{_f(fr['mean_first_divergence'], 7, 1)} {_f(e['fidelity'], 6, 3)} {_f(code, 5)} "
+              f"{_f(e.get('analytic_speedup'), 8)} {_f(e.get('measured_over_analytic'), 7)}", file=file)
 
 
 def _f(value, width, digits=2) -> str:
@@ -215,8 +242,8 @@ def plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(modes) + 2, 4))
     bars = ax.bar(modes, [summary[m]["tokens_per_s"] for m in modes], color="#4c72b0")
     for bar, m in zip(bars, modes):
-        fid = summary[m]["fidelity"]
-        ax.annotate(f"fid {fid:.3f}" if fid is not None else "", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        fid = summary[m]["free_running"]["prefix_fraction"]
+        ax.annotate(f"prefix {fid:.3f}" if fid is not None else "", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title("via-sd bench (greedy)")
@@ -224,16 +251,27 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_bench(args) -> dict:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+def _modes(spec: str, config) -> list[str]:
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    presets = [f"via-sd:{name}" for name in config.router.presets]
+    unknown = [m for m in modes if m not in MODES and m not in presets]
     if unknown or not modes:
-        raise ConfigError(f"--modes: expected a comma list of {MODES}, received {args.modes!r}")
+        raise ConfigError(f"--modes: expected a comma list of {MODES + tuple(presets)}, received {spec!r}")
+    return modes
+
+
+def run_bench(args) -> dict:
     config = load_config(args.config, args.app)
+    modes = _modes(args.modes, config)
     engine = LocalEngine(config)
-    prompts = load_prompts(args.num_prompts, args.split, args.prompts)
-    prompt_ids = [engine.encode(p, chat=True) for p in prompts]
-    print(f"{len(prompts)} prompts ({args.split} split), {args.max_tokens} tokens, modes {modes}", file=sys.stderr)
+    problems, stop = None, ()
+    if getattr(args, "check_code", False):
+        problems = load_problems()[: args.num_prompts]
+        prompt_ids, stop, source = [engine.encode(p.prompt) for p in problems], STOP, "code set"
+    else:
+        prompts = load_prompts(args.num_prompts, args.split, args.prompts)
+        prompt_ids, source = [engine.encode(p, chat=True) for p in prompts], f"{args.split} split"
+    print(f"{len(prompt_ids)} prompts ({source}), {args.max_tokens} tokens, modes {modes}", file=sys.stderr)
     for mode in modes:  # warm-up: first calls allocate and fill caches
         run_mode(engine, mode, prompt_ids[0][:32], 4, ModeRun())
     runs = {mode: ModeRun() for mode in modes}
@@ -241,21 +279,31 @@ def run_bench(args) -> dict:
         line = []
         for mode in modes:
             before = runs[mode].elapsed
-            run_mode(engine, mode, ids, args.max_tokens, runs[mode])
+            run_mode(engine, mode, ids, args.max_tokens, runs[mode], stop)
             line.append(f"{mode} {len(runs[mode].outputs[-1]) / (runs[mode].elapsed - before):.2f}")
         print(f"[{i + 1}/{len(prompt_ids)}] tok/s: " + ", ".join(line), file=sys.stderr, flush=True)
+    if "ar" in runs:
+        references = runs["ar"].outputs
+    else:  # the reference of free-running fidelity, untimed
+        references = [r.token_ids for r in (engine.generate(ids, SamplingParams(max_tokens=args.max_tokens,
+                                                                                stop=stop), policy_for(engine, "ar"))
+                                            for ids in prompt_ids)]
     for mode, run in runs.items():
         run.fidelity_hits = sum(teacher_forced_hits(engine, ids, out) for ids, out in zip(prompt_ids, run.outputs))
-    summary = summarize(runs, config.router.block_size)
+    summary = summarize(runs, references)
+    if problems is not None:
+        for mode, run in runs.items():
+            summary[mode]["code"] = pass_rate(problems, run.texts)
     record = {
         "schema": SCHEMA,
         "command": " ".join(["via-sd", *sys.argv[1:]]),
         "config": config.model_dump(mode="json"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
-        "num_prompts": len(prompts),
+                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+                    "cpu": cpu_name()},
+        "num_prompts": len(prompt_ids),
         "max_tokens": args.max_tokens,
-        "split": args.split,
+        "split": "code" if problems is not None else args.split,
         "modes": summary,
         "targets": targets(summary),
     }
@@ -268,3 +316,13 @@ def run_bench(args) -> dict:
     if args.plot:
         plot(summary, args.plot)
     return record
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -7,13 +7,24 @@
    verifier's token and top probability.
 3. Costs: drafter token, full-verifier call and slim call (a linear fit in the number of
    layers) are timed on this machine, in units of one autoregressive full step.
-4. Search: the router is replayed on the traces (``core.simulate``) to find the thresholds
-   with the highest predicted speedup at the target fidelity; first without a slim tier,
-   then for each layer set proposed by Bayesian optimisation over layer masks (a Gaussian
-   process with a Hamming-distance kernel and expected improvement, as SWIFT and
-   Draft & Verify do for self-speculative layer skipping); then a joint refinement.
-5. The profile (slim.layers and router thresholds, plus what was measured) is written as
-   YAML that a config references with ``profile:``.
+4. Search: the router is replayed on the traces (``core.simulate``) for every candidate
+   policy: sd block shapes, via-sd without a slim tier (lossy direct blocks, and direct
+   blocks held for the full verifier's deferred check), then slim layer sets proposed by
+   Bayesian optimisation over layer masks (a Gaussian process with a Hamming-distance
+   kernel and expected improvement, as SWIFT and Draft & Verify do for self-speculative
+   layer skipping) with a joint refinement. The objective is predicted speed at a
+   free-running fidelity target: the replay's estimate of the identical-prefix fraction
+   (where the first committed error falls), not teacher-forced token agreement.
+5. The speed-quality curve: the Pareto front of predicted speedup against estimated
+   free-running fidelity. The default is the fastest point at ``--target-fidelity``, the
+   ``fast`` preset the fastest at ``--fast-fidelity``.
+6. Confirmation: both points (and ``sd``) generate free on the calibration prompts; their
+   measured identical share, prefix fraction and speedup over the references' ``ar`` time
+   go into the profile beside the replay's numbers. A default that misses its target when
+   measured is replaced by the fastest deferred-check point (exact for greedy).
+7. The profile (slim.layers, router thresholds, ``router.presets.fast``, the front and what
+   was measured) is written as YAML that a config references with ``profile:``, and the
+   curve as a PNG beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import torch
 import yaml
 
 from via_sd_ray.config import load_config
+from via_sd_ray.core.fidelity import FreeRunning
 from via_sd_ray.core.policy import SCORES, Mode, RouterPolicy
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.simulate import Costs, SimResult, Trace, simulate
@@ -53,17 +65,38 @@ class Choice:
     result: SimResult
 
 
-def best_policy(traces, costs, target, candidates, min_slim_share: float = 0.0) -> Choice | None:
-    """The candidate policy with the highest predicted speedup at fidelity >= ``target`` (and, when
-    ``min_slim_share`` is set, sending at least that share of blocks to the slim tier)."""
+def best_policy(traces, costs, target, candidates, min_slim_share: float = 0.0,
+                seen: list[Choice] | None = None) -> Choice | None:
+    """The candidate policy with the highest predicted speedup at an estimated free-running fidelity
+    (identical-prefix fraction) >= ``target`` (and, when ``min_slim_share`` is set, sending at least that
+    share of blocks to the slim tier). Every candidate evaluated is appended to ``seen``."""
     best = None
     for policy in candidates:
+        if policy is None:
+            continue
         result = simulate(traces, policy, costs)
-        if result.fidelity < target or result.tier_blocks["slim"] < min_slim_share * result.blocks:
+        if seen is not None:
+            seen.append(Choice(policy, result))
+        if result.prefix_fraction < target or result.tier_blocks["slim"] < min_slim_share * result.blocks:
             continue
         if best is None or result.speedup > best.result.speedup:
             best = Choice(policy, result)
     return best
+
+
+def pareto(points: list[Choice]) -> list[Choice]:
+    """The points no other point beats on both predicted speedup and estimated prefix fraction,
+    fastest last (ascending speedup, descending fidelity)."""
+    front: list[Choice] = []
+    for c in sorted(points, key=lambda c: (-c.result.prefix_fraction, -c.result.speedup)):
+        if not front or c.result.speedup > front[-1].result.speedup + 1e-9:
+            front.append(c)
+    return front
+
+
+def fastest(points: list[Choice], target: float) -> Choice | None:
+    ok = [c for c in points if c.result.prefix_fraction >= target]
+    return max(ok, key=lambda c: c.result.speedup) if ok else None
 
 
 def sd_candidates():
@@ -78,10 +111,15 @@ def _policy(**kw) -> RouterPolicy | None:
         return None
 
 
-def no_slim_candidates():
-    for k, score, stop, direct in itertools.product(BLOCK_SIZES, SCORES, DRAFT_STOPS, DIRECT):
+DIRECT_RUNS = (0, 1, 2, 4)
+
+
+def no_slim_candidates(deferred: bool = False):
+    """via-sd without a slim tier: direct blocks committed (lossy) or held for the deferred check."""
+    runs = DIRECT_RUNS if deferred else (0,)
+    for k, score, stop, direct, run in itertools.product(BLOCK_SIZES, SCORES, DRAFT_STOPS, DIRECT, runs):
         yield _policy(block_size=k, score=score, draft_stop_threshold=stop, direct_threshold=direct,
-                      slim_threshold=direct)
+                      slim_threshold=direct, deferred_check=deferred, max_direct_run=run)
 
 
 def slim_candidates(base: RouterPolicy):
@@ -89,7 +127,9 @@ def slim_candidates(base: RouterPolicy):
     for direct, slim, esc in itertools.product(DIRECT, SLIM, ESCALATE):
         if slim < direct and (p := _policy(block_size=base.block_size, score=base.score,
                                             draft_stop_threshold=base.draft_stop_threshold,
-                                            direct_threshold=direct, slim_threshold=slim, escalate_threshold=esc)):
+                                            direct_threshold=direct, slim_threshold=slim, escalate_threshold=esc,
+                                            deferred_check=base.deferred_check,
+                                            max_direct_run=base.max_direct_run)):
             yield p
 
 
@@ -100,7 +140,8 @@ def joint_candidates(best: RouterPolicy):
                     and abs(SLIM.index(slim) - _nearest(SLIM, best.slim_threshold)) <= 1 \
                     and abs(ESCALATE.index(esc) - _nearest(ESCALATE, best.escalate_threshold)) <= 1:
                 if p := _policy(block_size=k, score=score, draft_stop_threshold=stop, direct_threshold=direct,
-                                slim_threshold=slim, escalate_threshold=esc):
+                                slim_threshold=slim, escalate_threshold=esc, deferred_check=best.deferred_check,
+                                max_direct_run=best.max_direct_run):
                     yield p
 
 
@@ -247,9 +288,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def reference_completions(engine: LocalEngine, args) -> tuple[list[list[int]], list[list[int]]]:
-    """Calibration prompts (chat-encoded, at most 160 tokens) and the full verifier's greedy completions.
-    With ``--cache``, completions computed before for the same models, prompts and length are reused."""
+def reference_completions(engine: LocalEngine, args):
+    """Calibration prompts (chat-encoded, at most 160 tokens), the full verifier's greedy completions and
+    the seconds each took (None when an older cache has no times). With ``--cache``, completions computed
+    before for the same models, prompts and length are reused."""
     prompts = load_prompts(args.num_prompts * 4 if args.prompts is None else args.num_prompts, "calibration",
                            args.prompts)
     encoded = [ids for ids in (engine.encode(p, chat=True) for p in prompts) if len(ids) <= 160]
@@ -263,22 +305,24 @@ def reference_completions(engine: LocalEngine, args) -> tuple[list[list[int]], l
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             _log(f"reusing {len(saved['refs'])} reference completions from {cache}")
-            return encoded, saved["refs"]
+            return encoded, saved["refs"], saved.get("seconds")
     _log(f"calibrating on {len(encoded)} prompts x {args.max_tokens} tokens (calibration split)")
     ar = engine.config.router.policy(mode=Mode.AR)
-    refs = []
+    refs, seconds = [], []
     for i, ids in enumerate(encoded):
-        refs.append(engine.generate(ids, SamplingParams(max_tokens=args.max_tokens), ar).token_ids)
+        result = engine.generate(ids, SamplingParams(max_tokens=args.max_tokens), ar)
+        refs.append(result.token_ids)
+        seconds.append(result.elapsed)
         _log(f"  reference {i + 1}/{len(encoded)}: {len(refs[-1])} tokens")
     if cache:
-        cache.write_text(json.dumps({"key": key, "refs": refs}))
-    return encoded, refs
+        cache.write_text(json.dumps({"key": key, "refs": refs, "seconds": seconds}))
+    return encoded, refs, seconds
 
 
 def run_calibration(args) -> dict:
     config = load_config(args.config, args.app)
     engine = LocalEngine(config)
-    encoded, refs = reference_completions(engine, args)
+    encoded, refs, ref_seconds = reference_completions(engine, args)
     traces = []
     for ids, out in zip(encoded, refs):
         target, _ = teacher_forced(engine.full.stack, ids, out)
@@ -299,13 +343,23 @@ def run_calibration(args) -> dict:
 
     _log(f"costs (x AR step {t * 1000:.1f} ms): {costs_for(n_layers)}, slim per layer "
          f"{raw['slim_per_layer_s'] / t:.4f}")
-    sd = best_policy(traces, costs_for(n_layers), 1.0, sd_candidates())
-    base = best_policy(traces, costs_for(n_layers), args.target_fidelity, no_slim_candidates())
-    if base is None:
-        raise ConfigError(f"--target-fidelity: no policy reaches {args.target_fidelity} on these traces")
+    points: list[Choice] = []  # every policy replayed without a slim tier: the speed-quality curve
+    full_costs = costs_for(n_layers)
+    sd = best_policy(traces, full_costs, 0.0, sd_candidates(), seen=points)
+    best_policy(traces, full_costs, 0.0, no_slim_candidates(deferred=False), seen=points)
+    deferred = best_policy(traces, full_costs, 0.0, no_slim_candidates(deferred=True), seen=points)
+    via = [c for c in points if c.policy.mode is Mode.VIA_SD]
+    base = fastest(via, args.target_fidelity)
+    fast = fastest(via, args.fast_fidelity)
+    if base is None or fast is None:
+        raise ConfigError(f"--target-fidelity / --fast-fidelity: no policy reaches {args.target_fidelity} / "
+                          f"{args.fast_fidelity} on these traces")
     _log(f"best sd replay: x{sd.result.speedup:.3f} ({_describe(sd.policy)})")
-    _log(f"best without slim tier: x{base.result.speedup:.3f} at fidelity {base.result.fidelity:.4f} "
-         f"({_describe(base.policy)})")
+    _log(f"best deferred check: x{deferred.result.speedup:.3f} ({_describe(deferred.policy)})")
+    _log(f"default (prefix >= {args.target_fidelity}): x{base.result.speedup:.3f} at prefix "
+         f"{base.result.prefix_fraction:.4f} ({_describe(base.policy)})")
+    _log(f"fast (prefix >= {args.fast_fidelity}): x{fast.result.speedup:.3f} at prefix "
+         f"{fast.result.prefix_fraction:.4f} ({_describe(fast.policy)})")
 
     # Bayesian optimisation over layer sets. The objective is the best speedup with the slim tier in
     # use (>= 5% of blocks), so layer sets are told apart even when none beats leaving the tier out.
@@ -338,54 +392,139 @@ def run_calibration(args) -> dict:
         if refined.result.speedup > base.result.speedup:
             choice, layers = refined, slim_layers
         best_slim = (refined, slim_layers)
-    profile = _profile(args, choice, base, sd, best_slim, raw, trials, n_layers)
+    confirmed = confirm(engine, args, encoded, refs, ref_seconds,
+                        {"default": choice.policy, "fast": fast.policy, "sd": sd.policy}, layers)
+    if confirmed["default"]["prefix_fraction"] < args.target_fidelity and choice.policy != deferred.policy:
+        _log(f"default measured prefix {confirmed['default']['prefix_fraction']:.4f} < {args.target_fidelity}: "
+             f"taking the best deferred-check point instead")
+        choice, layers = deferred, None
+        confirmed.update(confirm(engine, args, encoded, refs, ref_seconds, {"default": deferred.policy}, None))
+    profile = _profile(args, choice, fast, sd, best_slim, raw, trials, n_layers, pareto(points), confirmed)
     with open(args.out, "w") as f:
         f.write(f"# written by `via-sd {' '.join(sys.argv[1:])}` on {datetime.date.today()}\n")
         yaml.safe_dump(profile, f, sort_keys=False, default_flow_style=None)
-    _log(f"profile written to {args.out}: x{choice.result.speedup:.3f} predicted at fidelity "
-         f"{choice.result.fidelity:.4f}, slim tier {'on, layers ' + str(layers) if layers else 'off'}")
+    plot_path = args.plot or str(Path(args.out).with_suffix(".png"))
+    plot_front(points, profile, plot_path)
+    _log(f"profile written to {args.out} (curve: {plot_path}): default x{choice.result.speedup:.3f} predicted, "
+         f"measured {confirmed['default']}; fast measured {confirmed['fast']}")
     return profile
 
 
-def _profile(args, choice, base, sd, best_slim, raw, trials, n_layers) -> dict:
+def confirm(engine: LocalEngine, args, encoded, refs, ref_seconds, policies: dict[str, RouterPolicy],
+            layers: list[int] | None) -> dict[str, dict]:
+    """Free-running runs of ``policies`` on the first ``--confirm-prompts`` calibration prompts: identical
+    share, prefix fraction and speedup over the references' ar time (timed again when not cached)."""
+    n = min(args.confirm_prompts, len(encoded))
+    if n == 0:
+        return {name: {"prefix_fraction": None} for name in policies}
+    if layers is not None and list(layers) != list(engine.slim.stack.layer_ids):
+        engine.slim = type(engine.slim)(DecoderStack(engine.verifier_model, layers), name="slim")
+    params = SamplingParams(max_tokens=args.max_tokens)
+    if ref_seconds is None:
+        ar = engine.config.router.policy(mode=Mode.AR)
+        ref_seconds = [engine.generate(ids, params, ar).elapsed for ids in encoded[:n]]
+    ar_rate = sum(len(r) for r in refs[:n]) / sum(ref_seconds[:n])
+    out = {}
+    for name, policy in policies.items():
+        results = [engine.generate(ids, params, policy) for ids in encoded[:n]]
+        fr = FreeRunning.of(refs[:n], [r.token_ids for r in results])
+        rate = sum(len(r.token_ids) for r in results) / sum(r.elapsed for r in results)
+        out[name] = {"prompts": n, "identical_share": round(fr.identical_share, 4),
+                     "prefix_fraction": round(fr.prefix_fraction, 4), "speedup_vs_ar": round(rate / ar_rate, 3)}
+        _log(f"  confirmed {name}: {out[name]}")
+    return out
+
+
+def _profile(args, choice, fast, sd, best_slim, raw, trials, n_layers, front, confirmed) -> dict:
     p = choice.policy
     calibration = {
-        "prompts": args.num_prompts, "max_tokens": args.max_tokens, "target_fidelity": args.target_fidelity,
+        "prompts": args.num_prompts, "max_tokens": args.max_tokens,
+        "target_fidelity": args.target_fidelity, "fast_fidelity": args.fast_fidelity,
+        "fidelity_measure": "free-running identical-prefix fraction (replay estimate; confirmed by generation)",
         "predicted": _sim_dict(choice.result),
-        "predicted_without_slim": _sim_dict(base.result),
+        "confirmed": confirmed,
         "predicted_sd": {**_sim_dict(sd.result), "block_size": sd.policy.block_size,
                          "draft_stop_threshold": sd.policy.draft_stop_threshold},
+        "pareto": [{**_sim_dict(c.result, brief=True), "router": _router_dict(c.policy)} for c in front],
         "costs_s": {k: round(v, 5) for k, v in raw.items()},
         "trials": sorted(trials, key=lambda tr: -tr["speedup_with_slim"])[:10],
     }
     if best_slim is not None:
         calibration["best_with_slim"] = {**_sim_dict(best_slim[0].result), "layers": list(best_slim[1]),
                                          "router": _router_dict(best_slim[0].policy)}
+    fast_fields = _router_dict(fast.policy)
+    fast_fields["measured"] = {"predicted": _sim_dict(fast.result, brief=True), "confirmed": confirmed.get("fast")}
+    router = _router_dict(p, sd.policy)
+    router["presets"] = {"fast": fast_fields}
     return {
         # the best layer set found, even when the thresholds leave the slim tier unused
         "slim": {"layers": list(best_slim[1]) if best_slim is not None else list(range(n_layers))},
-        "router": _router_dict(p, sd.policy),
+        "router": router,
         "calibration": calibration,
     }
+
+
+def plot_front(points: list[Choice], profile: dict, path: str) -> None:
+    """The speed-quality curve: every replayed policy, the Pareto front, sd, and the chosen points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lossy = [c for c in points if c.policy.mode is Mode.VIA_SD and not c.policy.deferred_check]
+    held = [c for c in points if c.policy.deferred_check]
+    for group, color, label in ((lossy, "#c7c7c7", "via-sd, direct blocks committed"),
+                                (held, "#9ecae1", "via-sd, deferred check")):
+        ax.scatter([c.result.prefix_fraction for c in group], [c.result.speedup for c in group], s=6, c=color,
+                   label=label)
+    front = pareto(points)
+    ax.plot([c.result.prefix_fraction for c in front], [c.result.speedup for c in front], "-", c="#4c72b0",
+            label="Pareto front (replay)")
+    cal = profile["calibration"]
+    sd = cal["predicted_sd"]
+    ax.scatter([sd["prefix_fraction"]], [sd["speedup_vs_ar"]], marker="s", c="k", label="sd (replay)", zorder=3)
+    for name, marker in (("default", "*"), ("fast", "P")):
+        m = cal["confirmed"].get(name) or {}
+        if m.get("prefix_fraction") is not None:
+            ax.scatter([m["prefix_fraction"]], [m["speedup_vs_ar"]], marker=marker, s=140, c="#d62728",
+                       label=f"{name} (measured, free-running)", zorder=4)
+    m = cal["confirmed"].get("sd") or {}
+    if m.get("prefix_fraction") is not None:
+        ax.scatter([m["prefix_fraction"]], [m["speedup_vs_ar"]], marker="s", s=60, c="#d62728",
+                   label="sd (measured)", zorder=4)
+    ax.set_xlabel("free-running fidelity: identical-prefix fraction vs the full model")
+    ax.set_ylabel("speedup over ar")
+    ax.set_title("via-sd calibrate: speed-quality curve")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _router_dict(p: RouterPolicy, sd: RouterPolicy | None = None) -> dict:
     out = {"block_size": p.block_size, "score": p.score, "draft_stop_threshold": p.draft_stop_threshold,
            "direct_threshold": p.direct_threshold, "slim_threshold": p.slim_threshold,
-           "escalate_threshold": p.escalate_threshold}
+           "escalate_threshold": p.escalate_threshold, "deferred_check": p.deferred_check,
+           "max_direct_run": p.max_direct_run}
+    if p.mode is Mode.SD:
+        out = {"mode": "sd", "block_size": p.block_size, "draft_stop_threshold": p.draft_stop_threshold}
     if sd is not None:
         out["sd"] = {"block_size": sd.block_size, "draft_stop_threshold": sd.draft_stop_threshold}
     return out
 
 
-def _sim_dict(r: SimResult) -> dict:
-    return {"speedup_vs_ar": round(r.speedup, 3), "fidelity": round(r.fidelity, 4), "blocks": r.blocks,
-            "tier_blocks": dict(r.tier_blocks), "escalations": r.escalations}
+def _sim_dict(r: SimResult, brief: bool = False) -> dict:
+    out = {"speedup_vs_ar": round(r.speedup, 3), "prefix_fraction": round(r.prefix_fraction, 4),
+           "identical_share": round(r.identical_share, 4), "teacher_forced": round(r.fidelity, 4)}
+    if not brief:
+        out.update({"blocks": r.blocks, "tier_blocks": dict(r.tier_blocks), "escalations": r.escalations})
+    return out
 
 
 def _describe(p: RouterPolicy) -> str:
-    return (f"K={p.block_size} score={p.score} stop={p.draft_stop_threshold} direct={p.direct_threshold} "
-            f"slim={p.slim_threshold} escalate={p.escalate_threshold}")
+    return (f"{p.mode.value} K={p.block_size} score={p.score} stop={p.draft_stop_threshold} "
+            f"direct={p.direct_threshold} slim={p.slim_threshold} escalate={p.escalate_threshold} "
+            f"deferred={p.deferred_check} run={p.max_direct_run}")
 
 
 def _skipped(layers: list[int], n: int) -> list[int]:

@@ -46,11 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=int, default=20)
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--modes", default="ar,sd,via-sd,hf,hf-assisted",
-                       help="comma list of ar, sd, via-sd, via-sd-lossless, hf, hf-assisted")
+                       help="comma list of ar, sd, via-sd, via-sd:PRESET (e.g. via-sd:fast), via-sd-lossless, hf, "
+                       "hf-assisted")
     bench.add_argument("--json", dest="json_out", default=None, help="write the machine-readable record here")
     bench.add_argument("--plot", default=None, help="write a PNG chart here")
     bench.add_argument("--split", default="bench", choices=["bench", "calibration"])
     bench.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
+    bench.add_argument("--check-code", action="store_true", help="run the packaged code set (raw completions "
+                       "with unit tests; --num-prompts of its 24 problems) and report pass rates per mode")
 
     bs = sub.add_parser("bench-serve", help="benchmark a running application over gRPC and HTTP")
     _add_config(bs)
@@ -68,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(cal)
     cal.add_argument("--num-prompts", type=int, default=16)
     cal.add_argument("--max-tokens", type=int, default=96)
-    cal.add_argument("--target-fidelity", type=float, default=0.98)
+    cal.add_argument("--target-fidelity", type=float, default=0.97, help="the default point's free-running "
+                     "fidelity (identical-prefix fraction against the full model); sd's own is 1.0 in float32")
+    cal.add_argument("--fast-fidelity", type=float, default=0.7, help="the `fast` preset's free-running fidelity")
+    cal.add_argument("--confirm-prompts", type=int, default=8, help="calibration prompts the chosen points "
+                     "generate free on to confirm the replay's estimate (0: skip)")
+    cal.add_argument("--plot", default=None, help="PNG of the speed-quality curve (default: beside --out)")
     cal.add_argument("--min-layers", type=int, default=None, help="fewest slim layers to consider")
     cal.add_argument("--trials", type=int, default=40, help="layer sets evaluated by the search")
     cal.add_argument("--out", required=True, help="profile YAML to write")

@@ -63,3 +63,29 @@ def test_catch_up_after_direct_blocks_is_charged_to_the_next_verifier_call():
     charged = simulate([tr], policy, Costs(COSTS.draft_token, COSTS.full_call, COSTS.slim_call, catch_up_token=0.1))
     assert base.tier_blocks["direct"] == 1
     assert abs(charged.cost - base.cost - 3 * 0.1) < 1e-9
+
+
+def test_prefix_fraction_estimates_the_first_committed_error():
+    tr = trace([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 0, 8, 9, 10], [0.99] * 10)
+    policy = RouterPolicy(mode=Mode.VIA_SD, block_size=4, direct_threshold=0.9, slim_threshold=0.9)
+    res = simulate([tr, trace([1, 2, 3], [1, 2, 3], [0.99] * 3)], policy, COSTS)
+    assert res.prefix_fractions == [0.6, 1.0]  # the first error is at position 6 of 10
+    assert res.prefix_fraction == 0.8 and res.identical_share == 0.5
+
+
+def test_deferred_check_commits_no_error_and_pays_for_the_rolled_back_drafts():
+    target = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    draft = [1, 2, 3, 4, 5, 6, 0, 8, 9, 10]
+    prob = [0.99] * 6 + [0.2] + [0.99] * 3
+    lossy = RouterPolicy(mode=Mode.VIA_SD, block_size=4, direct_threshold=0.9, slim_threshold=0.9)
+    checked = RouterPolicy(mode=Mode.VIA_SD, block_size=4, direct_threshold=0.9, slim_threshold=0.9,
+                           deferred_check=True)
+    sd = RouterPolicy(mode=Mode.SD, block_size=4)
+    res = simulate([trace(target, draft, prob)], checked, COSTS)
+    assert res.errors == 0 and res.prefix_fraction == 1.0 and res.committed == 10
+    assert res.tier_blocks["direct"] >= 1
+    # held block [1..4] and block [5, 6, 0, 8] verified in one call: 6 accepted + recovered 7; then [8, 9]
+    assert res.tier_blocks["full"] == 2
+    sure = trace(target, draft, [0.99] * 10)  # the drafter is sure of its wrong token too
+    assert simulate([sure], lossy, COSTS).errors > 0 and simulate([sure], checked, COSTS).errors == 0
+    assert res.speedup > simulate([trace(target, draft, prob)], sd, COSTS).speedup
