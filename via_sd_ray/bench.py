@@ -243,7 +243,8 @@ def plot(summary: dict, path: str) -> None:
     bars = ax.bar(modes, [summary[m]["tokens_per_s"] for m in modes], color="#4c72b0")
     for bar, m in zip(bars, modes):
         fid = summary[m]["free_running"]["prefix_fraction"]
-        ax.annotate(f"prefix {fid:.3f}" if fid is not None else "", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        ax.annotate(f"prefix {fid:.3f}" if fid is not None else "",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title("via-sd bench (greedy)")

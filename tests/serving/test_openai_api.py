@@ -64,15 +64,15 @@ def test_stop_forms():
 
 def test_via_sd_options_map_to_request_fields():
     options = {"mode": "sd", "lossless": True, "block_size": 6, "direct_threshold": 0.97, "slim_threshold": 0.4,
-               "escalate_threshold": 0.7, "return_token_ids": True}
+               "escalate_threshold": 0.7, "profile": "fast", "deferred_check": False, "return_token_ids": True}
+    keys = ("mode", "lossless", "block_size", "direct_threshold", "slim_threshold", "escalate_threshold", "profile",
+            "deferred_check")
     body = {**TEXT, "via_sd": options}
     assert oa.parse(oa.CompletionRequest, body).via_sd.return_token_ids is True
     got = generate(oa.CompletionRequest, body)
-    assert {k: got[k] for k in ("mode", "lossless", "block_size", "direct_threshold", "slim_threshold",
-                                "escalate_threshold")} == {k: v for k, v in options.items() if k != "return_token_ids"}
+    assert {k: got[k] for k in keys} == {k: v for k, v in options.items() if k != "return_token_ids"}
     unset = generate(oa.CompletionRequest, TEXT)
-    assert all(unset[k] is None for k in ("mode", "lossless", "block_size", "direct_threshold", "slim_threshold",
-                                          "escalate_threshold"))
+    assert all(unset[k] is None for k in keys)
 
 
 def test_chat_messages_text_parts_and_developer_role():

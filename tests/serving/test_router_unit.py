@@ -200,6 +200,7 @@ BAD = [
     ("unknown mode", dict(prompt="x", mode="turbo"), "mode"),
     ("block_size 0", dict(prompt="x", block_size=0), "block_size"),
     ("threshold > 1", dict(prompt="x", escalate_threshold=1.5), "escalate_threshold"),
+    ("unknown profile", dict(prompt="x", profile="warp"), "profile"),
 ]
 
 
@@ -228,6 +229,23 @@ def test_thresholds_out_of_order_is_invalid_request(make):
         run(first())
     assert err.value.message.startswith("slim_threshold: expected")
     assert "slim_threshold=0.95" in err.value.message and "direct_threshold=0.9" in err.value.message
+
+
+def test_a_request_selects_a_router_preset(local_engine, make):
+    args = {**SERVING_ARGS, "router": {**SERVING_ARGS.get("router", {}), "direct_threshold": 0.0,
+                                       "slim_threshold": 0.0, "deferred_check": True,
+                                       "presets": {"fast": {"deferred_check": False, "block_size": 3}}}}
+    router, _ = make(parse_config(args))
+    checked = router.policy(GenerateRequest(prompt="x"))
+    fast = router.policy(GenerateRequest(prompt="x", profile="fast"))
+    assert checked.deferred_check and not fast.deferred_check and fast.block_size == 3
+    assert router.policy(GenerateRequest(prompt="x", profile="default")) == checked
+    assert not router.policy(GenerateRequest(prompt="x", deferred_check=False)).deferred_check
+    ids = local_engine.encode("def f(x):")
+    want = reference(local_engine, ids, 16, "ar")
+    events = run(collect(router, GenerateRequest(prompt_token_ids=ids, max_tokens=16)))
+    assert [t for e in events for t in e.get("token_ids", [])] == want.token_ids  # every block direct, checked
+    assert events[-1]["stats"]["tier_blocks"]["direct"] > 0
 
 
 def test_limits_come_from_config(make, local_engine):

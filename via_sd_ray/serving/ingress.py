@@ -126,6 +126,8 @@ def from_proto(request: "pb.GenerateRequest") -> GenerateRequest:
         direct_threshold=request.direct_threshold if has("direct_threshold") else None,
         slim_threshold=request.slim_threshold if has("slim_threshold") else None,
         escalate_threshold=request.escalate_threshold if has("escalate_threshold") else None,
+        profile=request.profile or None,
+        deferred_check=request.deferred_check if has("deferred_check") else None,
         **({"request_id": request.request_id} if request.request_id else {}),
     )
 

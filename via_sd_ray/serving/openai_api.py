@@ -29,6 +29,8 @@ class ViaSDOptions(BaseModel):
     direct_threshold: float | None = Field(None, ge=0, le=1)
     slim_threshold: float | None = Field(None, ge=0, le=1)
     escalate_threshold: float | None = Field(None, ge=0, le=1)
+    profile: str | None = None  # a router preset of the server's profile, e.g. "fast"
+    deferred_check: bool | None = None
     return_token_ids: bool = False
 
 
@@ -71,7 +73,7 @@ class _Common(BaseModel):
             **prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=self.stop or [], ignore_eos=self.ignore_eos, mode=v.mode, lossless=v.lossless,
             block_size=v.block_size, direct_threshold=v.direct_threshold, slim_threshold=v.slim_threshold,
-            escalate_threshold=v.escalate_threshold,
+            escalate_threshold=v.escalate_threshold, profile=v.profile, deferred_check=v.deferred_check,
         )
 
 

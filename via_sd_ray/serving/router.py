@@ -47,6 +47,8 @@ class GenerateRequest:
     direct_threshold: float | None = None
     slim_threshold: float | None = None
     escalate_threshold: float | None = None
+    profile: str | None = None  # a router preset (router.presets); None: the default point
+    deferred_check: bool | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -125,11 +127,11 @@ class GenerationRouter:
 
     def policy(self, request: GenerateRequest):
         overrides = {k: getattr(request, k) for k in ("mode", "lossless", "block_size", "direct_threshold",
-                                                       "slim_threshold", "escalate_threshold")}
+                                                       "slim_threshold", "escalate_threshold", "deferred_check")}
         try:
             if overrides["mode"] is not None:
                 Mode(overrides["mode"])
-            return self.config.router.policy(**overrides)
+            return self.config.router.policy(request.profile, **overrides)
         except (ConfigError, ValueError) as err:
             message = getattr(err, "message", None) or (
                 f"mode: expected one of {[m.value for m in Mode]}, received {overrides['mode']!r}")
