@@ -147,3 +147,28 @@ def test_prometheus_scrape_shows_tier_metrics(cluster, client):
     decided = {line.split('tier="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("ray_via_sd_blocks_total")}
     assert sum(decided.values()) > 0 and set(decided) <= {"direct", "slim", "full"}
+
+
+def test_bench_serve_reports_free_running_fidelity_of_the_served_tokens(cluster, tmp_path, capsys):
+    """`via-sd bench-serve` against the running app: served tokens equal the in-process engine's, and the
+    served generations are scored free-running against the full model alone (ar)."""
+    import json
+
+    import yaml
+
+    from tests.serving.conftest import SERVING_ARGS
+    from via_sd_ray.cli import main
+
+    config, prompts, out = tmp_path / "app.yaml", tmp_path / "prompts.json", tmp_path / "serve.json"
+    config.write_text(yaml.safe_dump(SERVING_ARGS))
+    prompts.write_text(json.dumps(PROMPTS[:2]))
+    assert main(["bench-serve", "--config", str(config), "--http", cluster.http, "--grpc", cluster.grpc,
+                 "--num-prompts", "2", "--max-tokens", "12", "--concurrency", "1", "--prompts", str(prompts),
+                 "--json", str(out)]) == 0
+    single = json.loads(out.read_text())["single_stream"]
+    assert single["grpc"]["same_tokens_as_local"] == "2/2"
+    for k in ("grpc", "local"):
+        fr = single[k]["free_running"]
+        assert fr["generations"] == 2 and 0.0 <= fr["prefix_fraction"] <= 1.0
+    assert single["grpc"]["free_running"] == single["local"]["free_running"]
+    assert "prefix" in capsys.readouterr().out

@@ -3,7 +3,9 @@ of vLLM's ``benchmark_serving`` on ShareGPT).
 
 1. Single stream, prompt by prompt, interleaved: the in-process engine (loaded in this
    process while the server idles), gRPC ``GenerateStream`` and HTTP streaming through the
-   ``openai`` client. Reports tokens/s of each and the ratios served / in-process.
+   ``openai`` client. Reports tokens/s of each and the ratios served / in-process, and the
+   free-running fidelity of the served (gRPC) and in-process generations against the full
+   model alone (``ar``, run in-process, untimed): identical share and identical-prefix fraction.
 2. Concurrency sweep over HTTP streaming: for each level c, c client threads send the
    prompts; reports aggregate tokens/s, time to first token and time per output token
    (mean and p50/p90), and throughput relative to c = 1.
@@ -22,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from via_sd_ray.core.fidelity import FreeRunning
 
 SCHEMA = "via-sd-bench-serve/1"
 
@@ -52,11 +56,12 @@ def http_stream(client, model: str, prompt: str, max_tokens: int) -> Sample:
     return Sample(tokens, elapsed, first if first is not None else elapsed)
 
 
-def grpc_stream(stub, pb, prompt: str, max_tokens: int) -> Sample:
+def grpc_stream(stub, pb, prompt: str, max_tokens: int, api_key: str | None = None) -> Sample:
     start, first = time.perf_counter(), None
     request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=prompt)], max_tokens=max_tokens)
     ids = []
-    for chunk in stub.GenerateStream(request, timeout=600):
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    for chunk in stub.GenerateStream(request, timeout=600, metadata=metadata):
         if first is None and chunk.token_ids:
             first = time.perf_counter() - start
         ids += chunk.token_ids
@@ -75,6 +80,14 @@ def local_stream(engine, prompt: str, max_tokens: int) -> Sample:
     elapsed = time.perf_counter() - start
     return Sample(len(generation.output_ids), elapsed, first if first is not None else elapsed,
                   list(generation.output_ids))
+
+
+def ar_tokens(engine, prompt: str, max_tokens: int) -> list[int]:
+    from via_sd_ray.core.policy import Mode
+    from via_sd_ray.core.sampling import SamplingParams
+
+    policy = engine.config.router.policy(mode=Mode.AR)
+    return engine.generate(engine.encode(prompt, chat=True), SamplingParams(max_tokens=max_tokens), policy).token_ids
 
 
 def summarize(samples: list[Sample], wall: float | None = None) -> dict:
@@ -116,7 +129,7 @@ def run_serving_bench(args) -> dict:
     model = config.served_model_name
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     http_stream(client, model, prompts[0], 4)  # warm-up of every path
-    grpc_stream(stub, pb, prompts[0], 4)
+    grpc_stream(stub, pb, prompts[0], 4, args.api_key)
     single = {"grpc": [], "http": []}
     engine = None
     if not args.no_local:
@@ -125,10 +138,12 @@ def run_serving_bench(args) -> dict:
         engine = LocalEngine(config)
         single["local"] = []
         local_stream(engine, prompts[0], 4)
+    references = []  # the full model alone, in-process: the reference of free-running fidelity
     for i, prompt in enumerate(prompts):
         if engine is not None:
             single["local"].append(local_stream(engine, prompt, args.max_tokens))
-        single["grpc"].append(grpc_stream(stub, pb, prompt, args.max_tokens))
+            references.append(ar_tokens(engine, prompt, args.max_tokens))
+        single["grpc"].append(grpc_stream(stub, pb, prompt, args.max_tokens, args.api_key))
         single["http"].append(http_stream(client, model, prompt, args.max_tokens))
         log(f"[single {i + 1}/{len(prompts)}] " + ", ".join(
             f"{k} {v[-1].tokens / v[-1].elapsed:.2f} tok/s" for k, v in single.items()))
@@ -140,6 +155,8 @@ def run_serving_bench(args) -> dict:
             single_summary[k]["over_local"] = single_summary[k]["tokens_per_s"] / base if base else None
         same = [a.token_ids == b.token_ids for a, b in zip(single["grpc"], single["local"])]
         single_summary["grpc"]["same_tokens_as_local"] = f"{sum(same)}/{len(same)}"
+        for k in ("grpc", "local"):
+            single_summary[k]["free_running"] = FreeRunning.of(references, [s.token_ids for s in single[k]]).to_dict()
     single_summary["per_prompt_tokens_per_s"] = {
         k: [round(s.tokens / s.elapsed, 3) for s in v] for k, v in single.items()}
     sweep = {}
@@ -172,13 +189,16 @@ def run_serving_bench(args) -> dict:
 
 
 def print_tables(record: dict) -> None:
-    print(f"{'single stream':14s} {'tok/s':>7s} {'x local':>8s} {'TTFT ms':>8s} {'TPOT ms':>8s}")
+    print(f"{'single stream':14s} {'tok/s':>7s} {'x local':>8s} {'TTFT ms':>8s} {'TPOT ms':>8s} "
+          f"{'ident':>6s} {'prefix':>6s}")
     for k, v in record["single_stream"].items():
         if k == "per_prompt_tokens_per_s":
             continue
-        ratio = v.get("over_local")
+        ratio, fr = v.get("over_local"), v.get("free_running") or {}
+        ident, prefix = fr.get("identical_share"), fr.get("prefix_fraction")
         print(f"{k:14s} {v['tokens_per_s']:7.2f} {'-' if ratio is None else f'{ratio:.2f}':>8s} "
-              f"{v['ttft_ms_p50']:8.0f} {v['tpot_ms_p50'] or 0:8.0f}")
+              f"{v['ttft_ms_p50']:8.0f} {v['tpot_ms_p50'] or 0:8.0f} "
+              f"{'-' if ident is None else f'{ident:.2f}':>6s} {'-' if prefix is None else f'{prefix:.3f}':>6s}")
     print(f"{'concurrency':14s} {'tok/s':>7s} {'x c=1':>8s} {'TTFT p50':>8s} {'TTFT p90':>8s} {'TPOT p50':>8s} "
           f"{'TPOT p90':>8s}")
     for c, v in record["concurrency"].items():
