@@ -34,6 +34,21 @@ def test_profile_fills_unset_values_and_config_wins(tmp_path):
     assert cfg.router.direct_threshold == 0.8 and cfg.router.block_size == 3
 
 
+def test_profile_presets_are_named_router_points(tmp_path):
+    write(tmp_path, {"router": {"direct_threshold": 0.4, "slim_threshold": 0.4, "deferred_check": True,
+                                "presets": {"fast": {"deferred_check": False, "block_size": 6,
+                                                     "measured": {"prefix_fraction": 0.6}}}}}, "prof.yaml")
+    cfg = load_config(write(tmp_path, {"profile": "prof.yaml"}))
+    default, fast = cfg.router.policy(), cfg.router.policy(preset="fast")
+    assert default.deferred_check and default.direct_threshold == 0.4
+    assert not fast.deferred_check and fast.block_size == 6 and fast.direct_threshold == 0.4
+    assert cfg.router.policy(preset="fast", block_size=3).block_size == 3  # request fields win over the preset
+    with pytest.raises(ConfigError, match=r"router.profile: expected one of \['default', 'fast'\], received 'warp'"):
+        cfg.router.policy(preset="warp")
+    with pytest.raises(ConfigError, match="router.presets.fast.max_direct_run"):
+        parse_config({"router": {"presets": {"fast": {"max_direct_run": -1}}}})
+
+
 @pytest.mark.parametrize("args, field, received", [
     ({"router": {"direct_threshold": 1.5}}, "router.direct_threshold", "1.5"),
     ({"router": {"block_size": 0}}, "router.block_size", "0"),
