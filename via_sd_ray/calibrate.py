@@ -404,7 +404,7 @@ def run_calibration(args) -> dict:
         f.write(f"# written by `via-sd {' '.join(sys.argv[1:])}` on {datetime.date.today()}\n")
         yaml.safe_dump(profile, f, sort_keys=False, default_flow_style=None)
     plot_path = args.plot or str(Path(args.out).with_suffix(".png"))
-    plot_front(points, profile, plot_path)
+    plot_front(profile, plot_path, points)
     _log(f"profile written to {args.out} (curve: {plot_path}): default x{choice.result.speedup:.3f} predicted, "
          f"measured {confirmed['default']}; fast measured {confirmed['fast']}")
     return profile
@@ -453,7 +453,8 @@ def _profile(args, choice, fast, sd, best_slim, raw, trials, n_layers, front, co
         calibration["best_with_slim"] = {**_sim_dict(best_slim[0].result), "layers": list(best_slim[1]),
                                          "router": _router_dict(best_slim[0].policy)}
     fast_fields = _router_dict(fast.policy)
-    fast_fields["measured"] = {"predicted": _sim_dict(fast.result, brief=True), "confirmed": confirmed.get("fast")}
+    fast_fields["measured"] = {"predicted": _sim_dict(fast.result, brief=True),
+                               "confirmed": dict(confirmed.get("fast") or {})}  # a copy: no YAML alias
     router = _router_dict(p, sd.policy)
     router["presets"] = {"fast": fast_fields}
     return {
@@ -464,39 +465,40 @@ def _profile(args, choice, fast, sd, best_slim, raw, trials, n_layers, front, co
     }
 
 
-def plot_front(points: list[Choice], profile: dict, path: str) -> None:
-    """The speed-quality curve: every replayed policy, the Pareto front, sd, and the chosen points."""
+def plot_front(profile: dict, path: str, points: list[Choice] | None = None) -> None:
+    """The speed-quality curve of a profile: its Pareto front (replay), sd, the measured default and fast
+    points, and (when given) every replayed policy. Fidelity below 0.3 is left out: there the fastest
+    lossy policies commit nearly everything unchecked, which no one serves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    lo = 0.3
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lossy = [c for c in points if c.policy.mode is Mode.VIA_SD and not c.policy.deferred_check]
-    held = [c for c in points if c.policy.deferred_check]
-    for group, color, label in ((lossy, "#c7c7c7", "via-sd, direct blocks committed"),
-                                (held, "#9ecae1", "via-sd, deferred check")):
+    for group, color, label in (
+            ([c for c in points or [] if c.policy.mode is Mode.VIA_SD and not c.policy.deferred_check],
+             "#c7c7c7", "via-sd, direct blocks committed (replay)"),
+            ([c for c in points or [] if c.policy.deferred_check], "#9ecae1", "via-sd, deferred check (replay)")):
+        group = [c for c in group if c.result.prefix_fraction >= lo]
         ax.scatter([c.result.prefix_fraction for c in group], [c.result.speedup for c in group], s=6, c=color,
                    label=label)
-    front = pareto(points)
-    ax.plot([c.result.prefix_fraction for c in front], [c.result.speedup for c in front], "-", c="#4c72b0",
-            label="Pareto front (replay)")
     cal = profile["calibration"]
+    front = [p for p in cal["pareto"] if p["prefix_fraction"] >= lo]
+    ax.plot([p["prefix_fraction"] for p in front], [p["speedup_vs_ar"] for p in front], "-o", ms=3, c="#4c72b0",
+            label="Pareto front (replay)")
     sd = cal["predicted_sd"]
     ax.scatter([sd["prefix_fraction"]], [sd["speedup_vs_ar"]], marker="s", c="k", label="sd (replay)", zorder=3)
-    for name, marker in (("default", "*"), ("fast", "P")):
+    for name, marker, color in (("default", "*", "#d62728"), ("fast", "P", "#ff7f0e"), ("sd", "s", "#2ca02c")):
         m = cal["confirmed"].get(name) or {}
         if m.get("prefix_fraction") is not None:
-            ax.scatter([m["prefix_fraction"]], [m["speedup_vs_ar"]], marker=marker, s=140, c="#d62728",
+            ax.scatter([m["prefix_fraction"]], [m["speedup_vs_ar"]], marker=marker, s=120, c=color,
                        label=f"{name} (measured, free-running)", zorder=4)
-    m = cal["confirmed"].get("sd") or {}
-    if m.get("prefix_fraction") is not None:
-        ax.scatter([m["prefix_fraction"]], [m["speedup_vs_ar"]], marker="s", s=60, c="#d62728",
-                   label="sd (measured)", zorder=4)
+    ax.set_xlim(lo, 1.01)
     ax.set_xlabel("free-running fidelity: identical-prefix fraction vs the full model")
     ax.set_ylabel("speedup over ar")
     ax.set_title("via-sd calibrate: speed-quality curve")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
