@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from via_sd_ray.errors import ConfigError
-from via_sd_ray.models import registry, tiny
+from via_sd_ray.models import kernels, registry, tiny
 from via_sd_ray.models.decoder import check_layers, keep_layers
 from via_sd_ray.models.quant import quantize
 
@@ -124,12 +124,14 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
-               attn_implementation: str = "sdpa", quantization: str = "none", device: str = "cpu"):
+               attn_implementation: str = "sdpa", quantization: str = "none", device: str = "cpu",
+               linear_kernel: str = "aten"):
     """A Hugging Face causal LM in eval mode on ``device``. With ``layers``, only those decoder
-    layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process)."""
+    layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process).
+    ``linear_kernel``: what computes the unquantized linear layers (``models.kernels``)."""
     model = _load(resolved, torch_dtype(dtype, device), layers, attn_implementation).to(device)
     try:
-        return quantize(model, quantization)
+        return kernels.apply(quantize(model, quantization), linear_kernel)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

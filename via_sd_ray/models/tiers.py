@@ -33,10 +33,11 @@ class TextInfo:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None = None):
+def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None = None,
+         linear_kernel: str | None = None):
     return load_model(resolve(cfg.source, cfg.revision), cfg.dtype, layers=layers,
                       attn_implementation=cfg.attn_implementation, quantization=cfg.quantization,
-                      device=device or resolve_device(cfg.device))
+                      device=device or resolve_device(cfg.device), linear_kernel=linear_kernel or cfg.linear_kernel)
 
 
 def verifier_stacks(config: EngineConfig, stacks: dict[str, list[int] | None], load_layers: list[int] | None = None,
@@ -80,7 +81,9 @@ def build_shard(spec: ShardSpec, rank: int) -> dict[str, DecoderStack]:
         if spec.rendezvous is not None and spec.rendezvous.world_size > 1:
             ds_engine.init_group(rank, spec.rendezvous)
         # loaded on the host: AutoTP shards it there and moves this rank's shard to the device
-        model = ds_engine.wrap(load(cfg, spec.load_layers, device="cpu"), cfg.tensor_parallel_size)
+        # (with torch's own linear layers, which AutoTP replaces)
+        model = ds_engine.wrap(load(cfg, spec.load_layers, device="cpu", linear_kernel="aten"),
+                               cfg.tensor_parallel_size)
         kv_heads = ds_engine.local_kv_heads(model)
     else:
         model, kv_heads = load(cfg, spec.load_layers), None
