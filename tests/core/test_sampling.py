@@ -85,7 +85,9 @@ def test_top_p_applies_after_top_k_and_temperature():
         ("top_p", 0.0, "(0.0, 1.0]"),
         ("top_p", 1.5, "(0.0, 1.0]"),
         ("top_k", -1, "[0, inf)"),
-        ("seed", -1, "[0, 9223372036854775807]"),
+        ("seed", 2**64, "[-9223372036854775808, 18446744073709551615]"),
+        ("min_tokens", -1, "[0, 128]"),
+        ("logprobs", 21, "[0, 20]"),
     ],
 )
 def test_out_of_range_names_the_field_the_range_and_the_value(field, value, allowed):
@@ -141,3 +143,21 @@ def test_derived_seeds_are_stable_and_differ_by_salt():
     assert len({derive_seed(7, "draft", 0), derive_seed(7, "draft", 1), derive_seed(7, "verify", "full", 0),
                 derive_seed(8, "draft", 0)}) == 4
     assert 0 <= derive_seed(2**63 - 1, "x") < 2**63
+
+
+def test_any_64_bit_seed_is_accepted():
+    assert SamplingParams(seed=-1).seed == -1
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    assert derive_seed(-5, "x") != derive_seed(5, "x")
+
+
+def test_token_logprobs_are_the_log_softmax_with_top_alternatives():
+    from via_sd_ray.core.sampling import token_logprobs
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])
+    out = token_logprobs(logits, [1, 2], top=2)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert out[0].logprob == pytest.approx(float(ref[0, 1]))
+    assert [i for i, _ in out[0].top] == [0, 1] and out[0].top[0][1] == pytest.approx(float(ref[0, 0]))
+    assert [i for i, _ in out[1].top][0] == 2
+    assert token_logprobs(logits, [0], top=0)[0].top == ()

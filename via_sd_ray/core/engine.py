@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from via_sd_ray.core.policy import Mode, RouterPolicy, Tier, block_confidence
-from via_sd_ray.core.sampling import SamplingParams, derive_seed
+from via_sd_ray.core.sampling import SamplingParams, TokenLogprob, derive_seed
 from via_sd_ray.core.stats import BlockRecord, GenerationStats
 from via_sd_ray.core.verify import Verdict
 from via_sd_ray.errors import InvalidRequest
@@ -42,6 +42,8 @@ class DraftCall:
     params: SamplingParams
     seed: int  # seeds this call's draws; derived from the generation seed and the block index
     stop_threshold: float = 0.0  # stop the block early after a token whose probability is below this
+    suppress_ids: tuple[int, ...] = ()  # impossible in the first suppress_rows tokens (min_tokens)
+    suppress_rows: int = 0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Draft:
     tokens: list[int]  # the block
     token_probs: list[float]  # drafter probability of each block token
     probs: torch.Tensor | None = None  # [len(tokens), V] warped drafter distributions (sampling only)
+    logprobs: list[TokenLogprob] | None = None  # the drafter's, of each block token (params.logprobs set)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class VerifyCall:
     seed: int
     draft_probs: torch.Tensor | None = None  # [len(block), V]; None: greedy, or one-hot proposals
     return_probs: bool = False
+    suppress_ids: tuple[int, ...] = ()  # impossible in the first suppress_rows positions (min_tokens)
+    suppress_rows: int = 0
 
 
 @dataclass
@@ -70,8 +75,11 @@ class Commit:
     """Tokens appended to the generation by one block."""
 
     tokens: list[int]
-    tier: Tier
+    tier: Tier  # the tier that closed the block (it decided the last token)
     finish_reason: str | None = None  # "stop" or "length" on the last commit
+    # the tier that decided each token, and its logprobs from that tier (params.logprobs set)
+    token_tiers: list[Tier] = field(default_factory=list, compare=False)
+    logprobs: list[TokenLogprob | None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -120,8 +128,9 @@ class Generation:
                 k = min(k, cap - len(held.tokens))  # the verify pass carries the held tokens too
             draft = Draft([], [])
             if k > 0:
-                draft = yield DraftCall(self.generation_id, self.committed + held.tokens, k, params,
-                                        self._seed("draft", block_index), policy.draft_stop_threshold)
+                before = self.committed + held.tokens
+                draft = yield DraftCall(self.generation_id, before, k, params, self._seed("draft", block_index),
+                                        policy.draft_stop_threshold, *self._suppress(before))
             confidence = block_confidence(draft.token_probs, policy.score)
             tier = self._route(draft, confidence, direct_run)
             direct_run = direct_run + 1 if tier is Tier.DIRECT else 0
@@ -131,7 +140,7 @@ class Generation:
                 if policy.deferred_check:
                     held.add(list(draft.tokens), draft, record)
                     continue
-                new = list(draft.tokens)
+                new = _Decided(list(draft.tokens), [Tier.DIRECT] * len(draft.tokens), draft.logprobs)
             elif tier is Tier.SLIM:
                 new = yield from self._slim(draft, block_index - 1, record, held)
                 if new is None:  # held until the full verifier's next call
@@ -140,11 +149,13 @@ class Generation:
                 block = held.tokens + draft.tokens
                 verdict = yield self._verify_call(Tier.FULL, self.committed, block, held.probs(draft),
                                                   block_index - 1)
-                new = verdict.tokens(block)
-            committed = self._commit(new)
+                new = _Decided.of(verdict, block, Tier.FULL)
+            committed = self._commit(new.tokens)
             self._record(held.records + [record], held.drafts + [draft.tokens], held.spans, committed)
             held = _Held()
-            yield Commit(committed, tier, self.finish_reason)
+            n = len(committed)
+            yield Commit(committed, tier, self.finish_reason, new.tiers[:n],
+                         new.logprobs[:n] if params.logprobs is not None else None)
         return self.stats
 
     def _route(self, draft: Draft, confidence: float, direct_run: int) -> Tier:
@@ -189,22 +200,29 @@ class Generation:
             held.add(candidate, draft, record)
             return None
         if cut is None:
-            return candidate
+            return _Decided.of(verdict, draft.tokens, Tier.SLIM)
         record.escalated = True
         if self.policy.deferred_check:  # greedy: the full verifier checks the held tokens and the candidate
             block = held.tokens + candidate
             full = yield self._verify_call(Tier.FULL, self.committed, block, None, block_index)
-            return full.tokens(block)
+            return _Decided.of(full, block, Tier.FULL)
         head, tail = candidate[:cut], candidate[cut:]
         # The slim verifier's outputs are samples of its own distribution, so that is the proposal.
         tail_probs = verdict.probs[cut:] if verdict.probs is not None else None
         full = yield self._verify_call(Tier.FULL, self.committed + head, tail, tail_probs, block_index)
-        return head + full.tokens(tail)
+        slim = _Decided.of(verdict, draft.tokens, Tier.SLIM)
+        return _Decided(head, slim.tiers[:cut], slim.logprobs[:cut]) + _Decided.of(full, tail, Tier.FULL)
 
     def _verify_call(self, tier, committed, block, draft_probs, block_index, return_probs=False) -> VerifyCall:
         return VerifyCall(tier, self.generation_id, committed, list(block), self.params,
                           self._seed("verify", tier.value, block_index),
-                          None if self.params.greedy else draft_probs, return_probs)
+                          None if self.params.greedy else draft_probs, return_probs, *self._suppress(committed))
+
+    def _suppress(self, committed: list[int]) -> tuple[tuple[int, ...], int]:
+        """The stop tokens a call after ``committed`` must not produce, and for how many positions
+        (those before ``min_tokens`` output tokens)."""
+        rows = self.params.min_tokens - (len(committed) - len(self.prompt_ids))
+        return (tuple(sorted(self._stops)), rows) if rows > 0 and self._stops else ((), 0)
 
     def _seed(self, *salt) -> int:
         return derive_seed(self.seed, *salt)
@@ -215,6 +233,8 @@ class Generation:
         for token in tokens:
             self.output_ids.append(token)
             taken.append(token)
+            if len(self.output_ids) < self.params.min_tokens:
+                continue  # (min_tokens <= max_tokens)
             if token in self._stops or self._stop_string_done():
                 self.finish_reason = "stop"
             elif len(self.output_ids) >= self.params.max_tokens:
@@ -234,6 +254,27 @@ class Generation:
         text = self.decode(self.output_ids)
         self.stop_text_end = min((i for s in self.params.stop if (i := text.find(s)) >= 0), default=len(text))
         return True
+
+
+@dataclass
+class _Decided:
+    """Tokens a block decided, with the tier that decided each and its logprobs (None where unknown)."""
+
+    tokens: list[int]
+    tiers: list[Tier]
+    logprobs: list[TokenLogprob | None] | None = None
+
+    def __post_init__(self):
+        if self.logprobs is None:
+            self.logprobs = [None] * len(self.tokens)
+
+    @classmethod
+    def of(cls, verdict: Verdict, block: list[int], tier: Tier) -> _Decided:
+        tokens = verdict.tokens(block)
+        return cls(tokens, [tier] * len(tokens), verdict.logprobs)
+
+    def __add__(self, other: _Decided) -> _Decided:
+        return _Decided(self.tokens + other.tokens, self.tiers + other.tiers, self.logprobs + other.logprobs)
 
 
 @dataclass

@@ -6,12 +6,14 @@ Its "probabilities" are match statistics: the token at block position i gets
 ``agree_i / (matches + 1)``, where ``matches`` counts the earlier occurrences of the
 n-gram and ``agree_i`` those whose continuation equals the block up to i. The ``+ 1``
 keeps a single match from claiming certainty, so the router sends such blocks to a
-verifier. For rejection sampling the proposals count as one-hot (``probs`` is None).
+verifier. For rejection sampling the proposals count as one-hot (``probs`` is None), and so
+for logprobs: a token this drafter decided (a direct block) reports log-probability 0.
 """
 
 from __future__ import annotations
 
 from via_sd_ray.core.engine import Draft, DraftCall
+from via_sd_ray.core.sampling import TokenLogprob
 
 
 class PromptLookupDrafter:
@@ -30,11 +32,19 @@ class PromptLookupDrafter:
             if not starts:
                 continue
             block = ids[starts[0] + n : starts[0] + n + call.k]
+            banned = set(call.suppress_ids)
+            for i, token in enumerate(block[: call.suppress_rows]):
+                if token in banned:  # a stop token before min_tokens: propose up to it
+                    block = block[:i]
+                    break
+            if not block:
+                continue
             probs = []
             for i in range(len(block)):
                 agree = sum(1 for j in starts if ids[j + n : j + n + i + 1] == block[: i + 1])
                 probs.append(agree / (len(starts) + 1))
-            return Draft(block, probs)
+            logprobs = [TokenLogprob(0.0)] * len(block) if call.params.logprobs is not None else None
+            return Draft(block, probs, logprobs=logprobs)
         return Draft([], [])
 
     def draft_batch(self, calls: list[DraftCall]) -> list[Draft]:

@@ -13,6 +13,8 @@ import torch
 
 from via_sd_ray.errors import InvalidRequest, check_range
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,14 +28,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many output tokens
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
     def __post_init__(self):
         check_range("max_tokens", self.max_tokens, 1, kind=int)
+        check_range("min_tokens", self.min_tokens, 0, self.max_tokens, kind=int)
+        if self.logprobs is not None:
+            check_range("logprobs", self.logprobs, 0, MAX_LOGPROBS, kind=int)
         check_range("temperature", self.temperature, 0.0)
         check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         check_range("top_k", self.top_k, 0, kind=int)
-        if self.seed is not None:
-            check_range("seed", self.seed, 0, 2**63 - 1, kind=int)
+        if self.seed is not None:  # any 64-bit int, as OpenAI and vLLM take
+            check_range("seed", self.seed, -(2**63), 2**64 - 1, kind=int)
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequest(f"stop: expected a list of non-empty strings, received {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
@@ -65,6 +72,36 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.softmax(logits, dim=-1)
+
+
+def suppress(logits: torch.Tensor, token_ids: tuple[int, ...], rows: int) -> torch.Tensor:
+    """``logits`` [N, V] with ``token_ids`` made impossible in the first ``rows`` rows (min_tokens)."""
+    if rows <= 0 or not token_ids:
+        return logits
+    logits = logits.clone()
+    logits[:rows, list(token_ids)] = float("-inf")
+    return logits
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model that decided it, and the ``top`` most likely
+    alternatives at its position (token id, log-probability), most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Log-softmax of the raw ``logits`` [N, V] at ``tokens`` (one per row), with ``top`` alternatives."""
+    if not tokens:
+        return []
+    logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)  # [N, V]
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
+    if top == 0:
+        return [TokenLogprob(lp) for lp in chosen]
+    values, ids = torch.topk(logp, top, dim=-1)  # [N, top]
+    return [TokenLogprob(lp, tuple(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def derive_seed(seed: int, *salt: object) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from via_sd_ray.core.sampling import SamplingParams, sample, warp
+from via_sd_ray.core.sampling import SamplingParams, TokenLogprob, sample, suppress, token_logprobs, warp
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Verdict:
     next_token: int  # recovered token (accepted < K) or bonus token (accepted == K)
     confidence: list[float]  # verifier's top probability at positions 0..accepted
     probs: torch.Tensor | None = None  # [accepted + 1, V] verifier probabilities there, when asked for
+    logprobs: list[TokenLogprob] | None = None  # of the committed tokens (params.logprobs set)
 
     def tokens(self, block: list[int]) -> list[int]:
         """The tokens this verdict commits: the accepted prefix and the recovered or bonus token."""
@@ -43,9 +44,14 @@ def verify(
     draft_probs: torch.Tensor | None = None,  # [K, V]; None: one-hot on the block
     gen: torch.Generator | None = None,
     return_probs: bool = False,
+    suppress_ids: tuple[int, ...] = (),
+    suppress_rows: int = 0,
 ) -> Verdict:
+    """``suppress_ids`` are impossible in the first ``suppress_rows`` positions (min_tokens); logprobs
+    are of the raw logits, as OpenAI's and vLLM's."""
     k = len(block)
     assert logits.shape[0] == k + 1, (logits.shape, k)
+    raw, logits = logits, suppress(logits, suppress_ids, suppress_rows)
     probs = warp(logits, params)  # [K + 1, V]
     if params.greedy:
         accepted, next_token = _greedy(block, logits)
@@ -58,6 +64,8 @@ def verify(
         next_token=next_token,
         confidence=kept.max(dim=-1).values.tolist(),
         probs=kept if return_probs else None,
+        logprobs=None if params.logprobs is None else token_logprobs(
+            raw, list(block[:accepted]) + [next_token], params.logprobs),
     )
 
 

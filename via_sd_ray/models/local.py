@@ -71,6 +71,8 @@ class StreamEvent:
     text: str  # new text (may be empty while a character or a possible stop string is incomplete)
     tier: Tier
     finish_reason: str | None
+    token_tiers: list[Tier] = field(default_factory=list)  # the tier that decided each token
+    logprobs: list | None = None  # core.sampling.TokenLogprob per token (params.logprobs set)
 
 
 class LocalEngine:
@@ -128,7 +130,8 @@ class LocalEngine:
             for commit in drive(generation.steps(), lambda call: self._dispatch(call, times)):
                 done = commit.finish_reason is not None
                 text = detok.push(generation.output_ids, final=done, end=generation.stop_text_end if done else None)
-                yield StreamEvent(commit.tokens, text, commit.tier, commit.finish_reason)
+                yield StreamEvent(commit.tokens, text, commit.tier, commit.finish_reason, commit.token_tiers,
+                                  commit.logprobs)
         finally:
             self.release(generation.generation_id)
 

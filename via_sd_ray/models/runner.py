@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
-from via_sd_ray.core.sampling import generator, sample, warp
+from via_sd_ray.core.sampling import generator, sample, suppress, token_logprobs, warp
 from via_sd_ray.core.verify import Verdict, verify
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.kv_cache import KVCache
@@ -104,14 +104,19 @@ class TierRunner:
         tokens: list[list[int]] = [[] for _ in calls]
         token_probs: list[list[float]] = [[] for _ in calls]
         rows: list[list[torch.Tensor]] = [[] for _ in calls]
+        logprobs: list[list] = [[] for _ in calls]
         active = list(range(len(calls)))
         while True:
             going = []
             for i, row_logits in zip(active, logits):
-                probs = warp(row_logits, calls[i].params)[0]  # [V]
+                call = calls[i]
+                masked = suppress(row_logits, call.suppress_ids, call.suppress_rows - len(tokens[i]))
+                probs = warp(masked, call.params)[0]  # [V]
                 token = int(probs.argmax()) if gens[i] is None else sample(probs, gens[i])
                 tokens[i].append(token)
                 token_probs[i].append(float(probs[token]))
+                if call.params.logprobs is not None:
+                    logprobs[i] += token_logprobs(row_logits, [token], call.params.logprobs)
                 if gens[i] is not None:
                     rows[i].append(probs)
                 if len(tokens[i]) < calls[i].k and token_probs[i][-1] >= calls[i].stop_threshold:
@@ -121,7 +126,8 @@ class TierRunner:
             logits = self._forward_batch([[tokens[i][-1]] for i in going], [caches[i] for i in going],
                                          [1] * len(going))
             active = going
-        return [Draft(tokens[i], token_probs[i], torch.stack(rows[i]) if rows[i] else None)  # [k, V]
+        return [Draft(tokens[i], token_probs[i], torch.stack(rows[i]) if rows[i] else None,  # [k, V]
+                      logprobs[i] if calls[i].params.logprobs is not None else None)
                 for i in range(len(calls))]
 
     def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict]:
@@ -132,7 +138,8 @@ class TierRunner:
         verdicts = []
         for call, (cache, _), block, row_logits in zip(calls, synced, blocks, logits):  # row_logits: [K + 1, V]
             gen = None if call.params.greedy else generator(call.seed)
-            verdict = verify(block, row_logits, call.params, call.draft_probs, gen, call.return_probs)
+            verdict = verify(block, row_logits, call.params, call.draft_probs, gen, call.return_probs,
+                             call.suppress_ids, call.suppress_rows)
             cache.crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
             verdicts.append(verdict)
         return verdicts
