@@ -24,6 +24,8 @@ import yaml
 from via_sd_ray.config import DEPLOYMENTS, load_config, parse_config
 from via_sd_ray.deploy import k8s
 from via_sd_ray.errors import ConfigError
+from via_sd_ray.serving.grpc_service import SERVICER_FUNCTIONS
+from via_sd_ray.serving.health import ROUTER_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_CRDS = ROOT.parent / "shared" / "kuberay"
@@ -180,6 +182,18 @@ def test_http_and_grpc_services_and_a_private_dashboard(rayservice):
     assert {d["kind"] for path in MANIFESTS for d in documents(path)} <= {"RayService", "Service"}
 
 
+
+def test_serving_pods_are_ready_only_when_every_tier_is(rayservice):
+    """Every pod the Services send traffic to (the workers) is ready by the app's /health, which answers
+    503 until every tier has loaded and warmed up; liveness stays KubeRay's (raylet) default."""
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        probe = container["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/health", "port": 8000}, group["groupName"]
+        assert probe["timeoutSeconds"] > ROUTER_TIMEOUT_S  # a not-ready answer may wait that long for the router
+        assert "livenessProbe" not in container, group["groupName"]
+
+
 # ---- serveConfigV2 -----------------------------------------------------------------------------
 
 
@@ -226,8 +240,7 @@ def test_serve_config_v2_parses_with_ray(serve_config):
     schema = ServeDeploySchema.model_validate(serve_config)
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 8000
     assert schema.grpc_options.port == 9000
-    assert schema.grpc_options.grpc_servicer_functions == [
-        "via_sd_ray.serving.grpc_service.add_ViaSDServicer_to_server"]
+    assert schema.grpc_options.grpc_servicer_functions == list(SERVICER_FUNCTIONS)  # gRPC health and reflection v1
     (app,) = serve_config["applications"]
     profile = app["args"]["profile"]
     assert profile.startswith(k8s.APP_ROOT + "/"), "the profile must resolve inside the image"

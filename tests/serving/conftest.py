@@ -49,13 +49,14 @@ def cluster():
     import ray
     from ray import serve
 
-    from via_sd_ray.serving.app import GRPC_SERVICER, build_app
+    from via_sd_ray.serving.app import build_app
+    from via_sd_ray.serving.grpc_service import SERVICER_FUNCTIONS
 
     http_port, grpc_port, metrics_port, dash_port = (free_port() for _ in range(4))
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash_port,
              _metrics_export_port=metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)})
     serve.run(build_app(SERVING_ARGS), name="via-sd", route_prefix="/")
     try:
         yield Cluster(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", metrics_port,

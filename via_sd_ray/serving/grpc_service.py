@@ -5,7 +5,11 @@ runs inside Serve's proxy before any via-sd code: a corrupt message or a string 
 non-UTF-8 bytes then fails there with grpcio's bare ``UNKNOWN``. This registration keeps the
 generated message classes and method names but decodes with :func:`decode_request`, which never
 raises: a message it cannot read becomes a :class:`WireError` that the ingress answers with
-``INVALID_ARGUMENT`` naming the field. Point ``grpc_options.grpc_servicer_functions`` here.
+``INVALID_ARGUMENT`` naming the field.
+
+Two more services ride on the same proxy: ``grpc.health.v1.Health`` (answered by the ingress: SERVING
+once every tier is ready, serving/health.py) and server reflection v1 (answered by the proxy itself,
+beside Serve's v1alpha). ``grpc_options.grpc_servicer_functions`` lists all three: ``SERVICER_FUNCTIONS``.
 """
 
 from dataclasses import dataclass
@@ -13,10 +17,13 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
 
 SERVICE = "via_sd.v1.ViaSD"
+RAY_SERVE_API = "ray.serve.RayServeAPIService"  # Serve's own service on its proxy (ListApplications, Healthz)
 
 
 @dataclass(frozen=True)
@@ -121,3 +128,62 @@ def add_ViaSDServicer_to_server(servicer, server) -> None:  # noqa: N802 (grpcio
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # grpc.health.v1.Health
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# every servicer function of this module, for grpc_options.grpc_servicer_functions (all configs list them)
+SERVICER_FUNCTIONS = tuple(f"{__name__}.{name}" for name in (
+    "add_ViaSDServicer_to_server", "add_HealthServicer_to_server", "add_ReflectionV1Servicer_to_server"))
+
+
+# the services grpc.health.v1.Health knows: "" is the server as a whole
+HEALTH_SERVICES = ("", SERVICE)
+
+
+def health_status(service: str, reason: str | None) -> "health_pb2.HealthCheckResponse.ServingStatus | None":
+    """The grpc.health.v1 status of ``service``, given why the server is not ready (None: it is ready);
+    None for a service the server does not know."""
+    if service not in HEALTH_SERVICES:
+        return None
+    return health_pb2.HealthCheckResponse.SERVING if reason is None else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def add_HealthServicer_to_server(servicer, server) -> None:  # noqa: N802 (grpcio's naming)
+    """``grpc.health.v1.Health`` (Check, Watch): under Serve's proxy, answered by the ``Ingress`` methods of
+    the same names (serving/health.py says when it is SERVING)."""
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+
+def add_ReflectionV1Servicer_to_server(servicer, server) -> None:  # noqa: N802 (grpcio's naming)
+    """Server reflection v1 (``grpc.reflection.v1.ServerReflection``) beside the v1alpha one Ray Serve
+    registers itself (``grpc_options.enable_reflection``). The two protocols are identical on the wire,
+    so grpcio-reflection's v1alpha servicer answers under the v1 name. Registered as a passthrough
+    service, it runs in Serve's proxy instead of being routed to the ingress (``servicer`` is unused)."""
+    add_passthrough = getattr(server, "add_passthrough_service", None)  # Serve's gRPCGenericServer
+    if add_passthrough is not None:
+        add_passthrough(REFLECTION_V1)
+    answers = _ReflectionV1(server)
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            answers.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, handlers),))
+    server.add_registered_method_handlers(REFLECTION_V1, handlers)
+
+
+class _ReflectionV1(reflection.aio.ReflectionServicer):
+    """Lists the services registered on ``server`` when asked, so servicer functions listed after this
+    one (and Serve's own v1alpha reflection) are included; Serve's internal API service is not."""
+
+    def __init__(self, server):
+        super().__init__(())
+        self._server = server
+
+    def _list_services(self, request):
+        handlers = getattr(self._server, "generic_rpc_handlers", ())  # Serve's gRPCGenericServer keeps them
+        names = {method.split("/")[1] for group in handlers for method in group[0]._method_handlers}
+        self._service_names = tuple(sorted(names - {RAY_SERVE_API}))
+        return super()._list_services(request)

@@ -10,6 +10,7 @@ error frame (SSE) or a gRPC status, never a silent stop.
 """
 
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -19,16 +20,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.unknown_fields import UnknownFieldSet
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from via_sd_ray.config import parse_config
 from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError, check_range
+from via_sd_ray.serving import health as health_checks  # (the Ingress has a method named health)
 from via_sd_ray.serving import openai_api as oa
 from via_sd_ray.serving.auth import BearerAuth
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
-from via_sd_ray.serving.grpc_service import WireError
+from via_sd_ray.serving.grpc_service import HEALTH_SERVICES, WireError, health_status
 from via_sd_ray.serving.router import GenerateRequest
+from via_sd_ray.serving.tiers import DEPLOYMENT_OF_TIER
 
 app = FastAPI(title="via-sd-ray", docs_url=None, redoc_url=None)
 RETRY_AFTER_S = 1  # Retry-After of a 429 / 503 that names no delay of its own
@@ -233,11 +237,64 @@ class Ingress:
         first = await events.__anext__()
         return first, events
 
-    # -- HTTP ----------------------------------------------------------------------------------
+    # -- health (serving/health.py): /health, /livez and grpc.health.v1.Health, open without a token --
+
+    async def _not_ready(self) -> str | None:
+        """None when every tier has loaded its model and warmed up (the router's answer, within a time
+        limit), else why not."""
+        if getattr(self, "_readiness", None) is None:
+            self._readiness = health_checks.Readiness(self._router_readiness, health_checks.ROUTER_TIMEOUT_S,
+                                                      name="Router")
+        return await self._readiness.check()
+
+    async def _router_readiness(self) -> str | None:
+        reasons = await health_checks.ask(self.router.readiness.remote())
+        return "; ".join(f"{DEPLOYMENT_OF_TIER[tier]}: {why}" for tier, why in reasons.items() if why) or None
 
     @app.get("/health")
-    async def health(self) -> dict:  # open without a token: it tells nothing but the model name
+    async def health(self):
+        """Readiness: 200 once every tier is ready, until then 503 naming the tiers it waits for."""
+        reason = await self._not_ready()
+        if reason is not None:
+            return JSONResponse(oa.error_body(f"not ready: {reason}", 503), status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         return {"status": "ok", "model": self.model_name}
+
+    @app.get("/livez")
+    async def livez(self) -> dict:
+        """Liveness: the ingress process answers; nothing behind it is asked."""
+        return {"status": "ok"}
+
+    async def Check(self, request: "health_pb2.HealthCheckRequest", grpc_context=None
+                    ) -> "health_pb2.HealthCheckResponse":
+        """grpc.health.v1.Health/Check: SERVING once every tier is ready, else NOT_SERVING; service ""
+        (the server) or via_sd.v1.ViaSD, any other gets NOT_FOUND."""
+        if request.service not in HEALTH_SERVICES:
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"service: expected one of {list(HEALTH_SERVICES)}, received "
+                                         f"{request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=health_status(request.service, await self._not_ready()))
+
+    async def Watch(self, request: "health_pb2.HealthCheckRequest", grpc_context=None):
+        """grpc.health.v1.Health/Watch: the status now, then each change (looked at every WATCH_POLL_S);
+        an unknown service is SERVICE_UNKNOWN. The stream ends after WATCH_LIMIT_S (clients reconnect)."""
+        loop = asyncio.get_running_loop()
+        deadline, last = loop.time() + health_checks.WATCH_LIMIT_S, None
+        while True:
+            if request.service in HEALTH_SERVICES:
+                status = health_status(request.service, await self._not_ready())
+            else:
+                status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(health_checks.WATCH_POLL_S)
+
+    # -- HTTP ----------------------------------------------------------------------------------
 
     @app.get("/v1/models")
     async def models(self, request: Request):

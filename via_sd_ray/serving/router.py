@@ -70,6 +70,12 @@ class TierClient:
     async def release(self, generation_id: str) -> None:
         await self._for(generation_id).release.remote(generation_id)
 
+    async def ready(self) -> bool:
+        """Whether a replica of the tier has loaded its model and warmed up (any replica: no affinity)."""
+        from via_sd_ray.serving.health import ask
+
+        return await ask(self.handle.ready.remote())
+
 
 class GenerationRouter:
     def __init__(self, args: dict[str, Any] | EngineConfig, drafter, slim, full, text=None, metrics=None):
@@ -235,6 +241,24 @@ class GenerationRouter:
 
     async def check_health(self) -> None:
         return None
+
+    async def readiness(self) -> dict[str, str | None]:
+        """Per tier, None when a replica of it has loaded its model and answered its warm-up call, else
+        why not: each tier is asked with a time limit, a yes is kept a few seconds (serving/health.py)."""
+        from via_sd_ray.serving.health import TIER_TIMEOUT_S, Readiness
+
+        if getattr(self, "_tier_readiness", None) is None:
+            async def probe(tier: str) -> str | None:
+                return None if await self.tiers[tier].ready() else "its model runner is broken"
+
+            self._tier_readiness = {tier: Readiness(lambda tier=tier: probe(tier), TIER_TIMEOUT_S)
+                                    for tier in self.tiers}
+        reasons = await asyncio.gather(*(r.check() for r in self._tier_readiness.values()))
+        return dict(zip(self._tier_readiness, reasons))
+
+    async def ready(self) -> bool:
+        """Whether every tier is ready (``readiness`` says which are not, and why)."""
+        return not any((await self.readiness()).values())
 
     def stats(self) -> dict[str, Any]:
         from via_sd_ray.serving.tiers import _node_id

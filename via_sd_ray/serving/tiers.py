@@ -7,6 +7,10 @@ different generations are micro-batched into one forward pass. Every call carrie
 generation's committed tokens, so a replica without the cache (new replica, eviction,
 failover) rebuilds it from token ids and continues.
 
+A replica takes calls only once it is warm: its start ends with one tiny call through the runner
+(a 1-token block after a 1-token prompt, cache released), so the first request pays no lazy
+initialisation, and ``ready`` then answers the readiness checks (serving/health.py).
+
 ``TierServer`` is a plain class: tests construct it with an injected runner and no Ray;
 ``serving.app`` turns it into three Ray Serve deployments.
 """
@@ -14,12 +18,16 @@ failover) rebuilds it from token ids and continues.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
+import uuid
 from typing import Any
 
 from via_sd_ray.config import EngineConfig, parse_config
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
+from via_sd_ray.core.policy import Tier
+from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.verify import Verdict
 from via_sd_ray.serving.batcher import MicroBatcher
 
@@ -27,7 +35,10 @@ DEPLOYMENT_OF_TIER = {"drafter": "Drafter", "slim": "SlimVerifier", "full": "Ful
 
 
 class TierServer:
-    def __init__(self, args: dict[str, Any] | EngineConfig, tier: str, runner=None, metrics=None):
+    def __init__(self, args: dict[str, Any] | EngineConfig, tier: str, runner=None, metrics=None,
+                 warm_up: bool | None = None):
+        """``warm_up``: run the warm-up call at the end of the start (None: only for a runner built here;
+        an injected runner is the caller's)."""
         from via_sd_ray.models.tiers import build_tier
         from via_sd_ray.serving.tp_workers import shard_launcher
 
@@ -50,6 +61,34 @@ class TierServer:
         # generation id -> when it was released: a call of a cancelled generation still in a batch (or
         # arriving after its release) must not leave a cache behind
         self._released: dict[str, float] = {}
+        self.warm_up_s: float | None = None  # how long the warm-up call took; None: none ran
+        if warm_up if warm_up is not None else runner is None:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One greedy call through the runner, as small as a call gets: draft 1 token, or verify a 1-token
+        block, after a 1-token prompt. Its cache is released and the runner's counters are put back:
+        the warm-up is not traffic."""
+        start = time.perf_counter()
+        stats = getattr(self.runner, "stats", None)
+        counters = copy.deepcopy(vars(stats)) if stats is not None else None
+        generation_id = f"warm-up-{uuid.uuid4().hex[:8]}"
+        params = SamplingParams(max_tokens=1)
+        if self.tier == "drafter":
+            self.runner.draft_batch([DraftCall(generation_id=generation_id, committed=[0], k=1, params=params,
+                                               seed=0)])
+        else:
+            self.runner.verify_batch([VerifyCall(tier=Tier(self.tier), generation_id=generation_id, committed=[0],
+                                                 block=[0], params=params, seed=0)])
+        self.runner.release(generation_id)
+        if counters is not None:
+            vars(stats).update(counters)
+        self.warm_up_s = time.perf_counter() - start
+
+    async def ready(self) -> bool:
+        """Whether this replica can serve: its model is loaded and warm (a replica takes no call before
+        its start ends) and its runner has not failed. Cheap: the readiness checks call it often."""
+        return self.failed is None
 
     async def draft(self, call: DraftCall) -> Draft:
         return await self._call(call)
@@ -149,6 +188,7 @@ class TierServer:
             "batched_calls": self.batcher.items,
             "busy_seconds": self.batcher.busy_seconds,
             "uptime_s": time.monotonic() - self.started,
+            "warm_up_s": self.warm_up_s,
             "batch_profile": {size: {"batches": n, "seconds": sec, "forward_tokens": tok}
                               for size, (n, sec, tok) in sorted(self.batch_profile.items())},
             **({k: getattr(runner_stats, k) for k in vars(runner_stats)} if runner_stats else {}),
