@@ -130,7 +130,7 @@ def test_router_backpressure_gives_429_and_resource_exhausted(cluster, local_eng
     # refused by the Ingress's handle to the Router: the Ingress answers, in OpenAI's error shape
     for text in kinds["http_refused"]:
         error = json.loads(text)["error"]
-        assert error["type"] == "rate_limit_error" and error["code"] == 429, error
+        assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded", error
         assert error["message"].startswith("the server is at capacity, retry after 1 s"), error
     assert len(kinds["accepted"]) == 1, kinds  # one Router slot queued behind the running one, the rest refused
     assert all(d.startswith("the server is at capacity") for d in kinds["grpc_refused"]), kinds

@@ -16,6 +16,7 @@ import pytest
 
 from tests.serving.conftest import SERVING_ARGS
 from via_sd_ray.config import ServingConfig
+from via_sd_ray.serving import openai_api as oa
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
 
 MODEL = SERVING_ARGS["served_model_name"]
@@ -86,7 +87,7 @@ def test_http_bad_input(http, content, status, field, allowed):
     error = response.json()["error"]
     print(f"HTTP {response.status_code}: {error['message'][:200]}")
     assert response.status_code == status, error
-    assert error["code"] == status and error["param"] == field.split(" ")[0]
+    assert error["code"] == oa.ERROR_CODES.get(status) and error["param"] == field.split(" ")[0]
     assert error["message"].startswith(f"{field}:"), error["message"]
     assert allowed in error["message"], error["message"]
     good_http(http)

@@ -106,7 +106,7 @@ def test_router_killed_mid_stream_ends_the_stream_with_a_retriable_error(app, cl
     events, victim = stream_and_kill(app, "Router", {})
     assert "error" in events[-1], f"silent truncation: the last event is {events[-1]}"
     error = events[-1]["error"]
-    assert error["code"] == 503 and "retry" in error["message"], error
+    assert error["code"] == "service_unavailable" and "retry" in error["message"], error
     wait_for_new_replica("Router", victim)
     with httpx.Client(base_url=app, timeout=60) as http:
         ok = http.post("/v1/completions", json={"model": "via-sd-tiny", "prompt": PROMPT, "max_tokens": 8})

@@ -106,34 +106,120 @@ def test_accepted_no_op_fields():
     assert generate(oa.ChatCompletionRequest, body)["messages"] == [{"role": "user", "content": "hi"}]
 
 
+NO_OPS = {"store": True, "metadata": {"k": "v"}, "service_tier": "auto", "parallel_tool_calls": True,
+          "user": "u1", "prompt_cache_key": "k", "safety_identifier": "s", "tools": [], "tool_choice": "none",
+          "modalities": ["text"], "logit_bias": {}, "repetition_penalty": 1, "min_p": 0,
+          "skip_special_tokens": True, "spaces_between_special_tokens": True,
+          "include_stop_str_in_output": False,
+          "stream_options": {"include_usage": True, "continuous_usage_stats": False, "include_obfuscation": False,
+                             "a_future_key": 1}}
+
+
+def test_no_op_fields_change_nothing():
+    plain = generate(oa.ChatCompletionRequest, CHAT)
+    assert generate(oa.ChatCompletionRequest, {**CHAT, **NO_OPS}) == plain
+    text = {k: v for k, v in NO_OPS.items() if k not in ("tools", "tool_choice", "parallel_tool_calls", "modalities")}
+    assert generate(oa.CompletionRequest, {**TEXT, **text}) == generate(oa.CompletionRequest, TEXT)
+
+
+OPTIONAL = ["max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed",
+            "presence_penalty", "frequency_penalty", "logit_bias", "user", "ignore_eos", "min_tokens", "via_sd",
+            "store", "metadata", "service_tier"]
+
+
+@pytest.mark.parametrize("name", OPTIONAL + ["max_completion_tokens", "logprobs", "top_logprobs", "tools",
+                                             "tool_choice", "response_format", "parallel_tool_calls"])
+def test_null_means_the_default(name):
+    assert generate(oa.ChatCompletionRequest, {**CHAT, name: None}) == generate(oa.ChatCompletionRequest, CHAT)
+
+
+@pytest.mark.parametrize("name", OPTIONAL + ["echo", "logprobs", "suffix", "best_of"])
+def test_null_means_the_default_for_completions(name):
+    assert generate(oa.CompletionRequest, {**TEXT, name: None}) == generate(oa.CompletionRequest, TEXT)
+
+
+def test_null_for_a_required_field_is_still_refused():
+    with pytest.raises(InvalidRequest, match="model"):
+        oa.parse(oa.CompletionRequest, {**TEXT, "model": None})
+
+
+def test_vllm_extras_and_logprobs_map_to_the_request():
+    fields = generate(oa.CompletionRequest, {**TEXT, "min_tokens": 3, "seed": -7, "logprobs": 2, "top_k": -1,
+                                             "stop_token_ids": [5]})
+    assert (fields["min_tokens"], fields["seed"], fields["logprobs"], fields["top_k"], fields["stop_token_ids"]) == \
+        (3, -7, 2, 0, [5])
+    chat = generate(oa.ChatCompletionRequest, {**CHAT, "logprobs": True, "top_logprobs": 4})
+    assert chat["logprobs"] == 4
+    assert generate(oa.ChatCompletionRequest, {**CHAT, "logprobs": True})["logprobs"] == 0
+    assert generate(oa.ChatCompletionRequest, CHAT)["logprobs"] is None
+
+
+EVENT_LP = {"token_ids": [7, 8], "text": "ab", "tier": "full", "token_tiers": ["direct", "full"],
+            "finish_reason": None, "prompt_tokens": 3,
+            "logprobs": [{"token_id": 7, "token": "a", "logprob": -0.5,
+                          "top": [{"token_id": 7, "token": "a", "logprob": -0.5},
+                                  {"token_id": 9, "token": "c", "logprob": -1.5}]},
+                         {"token_id": 8, "token": "b", "logprob": -0.1, "top": []}]}
+
+
+def test_logprobs_shapes_chat_and_completions():
+    chat = oa.Logprobs(chat=True).of(EVENT_LP)
+    first = chat["content"][0]
+    assert first == {"token": "a", "logprob": -0.5, "bytes": [97], "via_sd_tier": "direct",
+                     "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]},
+                                      {"token": "c", "logprob": -1.5, "bytes": [99]}]}
+    assert chat["content"][1]["via_sd_tier"] == "full" and chat["refusal"] is None
+    text = oa.Logprobs(chat=False)
+    one, two = text.of(EVENT_LP), text.of(EVENT_LP)
+    assert one["tokens"] == ["a", "b"] and one["token_logprobs"] == [-0.5, -0.1]
+    assert one["top_logprobs"][0] == {"a": -0.5, "c": -1.5} and one["top_logprobs"][1] == {"b": -0.1}
+    assert one["text_offset"] == [0, 1] and two["text_offset"] == [2, 3]  # offsets run on across chunks
+    merged = oa.Logprobs.merge([one, None, two])
+    assert merged["tokens"] == ["a", "b", "a", "b"] and merged["text_offset"] == [0, 1, 2, 3]
+    assert oa.Logprobs(chat=True).of({**EVENT_LP, "logprobs": None}) is None
+
+
+def test_stream_chunk_with_running_usage():
+    chunk = oa.stream_chunk("c", "m", MID, chat=True, running=oa.running_usage(4, 3))
+    assert chunk["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
 # -- bad requests --------------------------------------------------------------------------------
 
 BAD = [
     # (id, model, body, field, what the message says was expected, what it says was received)
     ("n=2", oa.CompletionRequest, {**TEXT, "n": 2}, "n", "1", "2"),
-    ("logprobs", oa.CompletionRequest, {**TEXT, "logprobs": 3}, "logprobs", "None", "3"),
-    ("chat logprobs", oa.ChatCompletionRequest, {**CHAT, "logprobs": True}, "logprobs", "False", "True"),
-    ("top_logprobs", oa.ChatCompletionRequest, {**CHAT, "top_logprobs": 2}, "top_logprobs", "None", "2"),
+    ("logprobs > 20", oa.CompletionRequest, {**TEXT, "logprobs": 21}, "logprobs", "[0, 20]", "21"),
+    ("chat logprobs str", oa.ChatCompletionRequest, {**CHAT, "logprobs": "yes"}, "logprobs", "boolean", "'yes'"),
+    ("top_logprobs alone", oa.ChatCompletionRequest, {**CHAT, "top_logprobs": 2}, "top_logprobs",
+     "logprobs: true", "top_logprobs 2"),
+    ("top_logprobs > 20", oa.ChatCompletionRequest, {**CHAT, "logprobs": True, "top_logprobs": 25}, "logprobs",
+     "[0, 20]", "25"),
+    ("min_tokens negative", oa.CompletionRequest, {**TEXT, "min_tokens": -1}, "min_tokens", "[0, 16]", "-1"),
+    ("min_tokens > max_tokens", oa.CompletionRequest, {**TEXT, "min_tokens": 20, "max_tokens": 8}, "min_tokens",
+     "[0, 8]", "20"),
+    ("logit_bias", oa.CompletionRequest, {**TEXT, "logit_bias": {"5": 1.0}}, "logit_bias", "no logit biases", "1"),
+    ("stop_token_ids negative", oa.CompletionRequest, {**TEXT, "stop_token_ids": [3, -1]}, "stop_token_ids.1",
+     "[0, inf)", "-1"),
+    ("repetition_penalty", oa.CompletionRequest, {**TEXT, "repetition_penalty": 1.2}, "repetition_penalty", "1",
+     "1.2"),
     ("unknown field", oa.CompletionRequest, {**TEXT, "frobnicate": 1}, "frobnicate", "unknown field", "1"),
     ("unknown via_sd field", oa.CompletionRequest, {**TEXT, "via_sd": {"turbo": True}}, "via_sd.turbo",
      "unknown field", "True"),
     ("max_tokens str", oa.CompletionRequest, {**TEXT, "max_tokens": "ten"}, "max_tokens", "integer", "'ten'"),
     ("max_tokens fraction", oa.CompletionRequest, {**TEXT, "max_tokens": 2.5}, "max_tokens", "integer", "2.5"),
     ("temperature str", oa.CompletionRequest, {**TEXT, "temperature": "hot"}, "temperature", "number", "'hot'"),
-    ("temperature < 0", oa.CompletionRequest, {**TEXT, "temperature": -0.1}, "temperature", "greater than or "
-     "equal to 0", "-0.1"),
-    ("temperature > 2", oa.CompletionRequest, {**TEXT, "temperature": 2.5}, "temperature", "less than or equal "
-     "to 2", "2.5"),
-    ("top_p 0", oa.CompletionRequest, {**TEXT, "top_p": 0}, "top_p", "greater than 0", "0"),
-    ("top_p > 1", oa.CompletionRequest, {**TEXT, "top_p": 1.5}, "top_p", "less than or equal to 1", "1.5"),
-    ("top_k < 0", oa.CompletionRequest, {**TEXT, "top_k": -1}, "top_k", "greater than or equal to 0", "-1"),
-    ("max_tokens 0", oa.CompletionRequest, {**TEXT, "max_tokens": 0}, "max_tokens", "greater than or equal to 1",
-     "0"),
-    ("max_tokens negative", oa.ChatCompletionRequest, {**CHAT, "max_tokens": -3}, "max_tokens",
-     "greater than or equal to 1", "-3"),
+    ("temperature < 0", oa.CompletionRequest, {**TEXT, "temperature": -0.1}, "temperature", "[0.0, 2.0]", "-0.1"),
+    ("temperature > 2", oa.CompletionRequest, {**TEXT, "temperature": 2.5}, "temperature", "[0.0, 2.0]", "2.5"),
+    ("top_p 0", oa.CompletionRequest, {**TEXT, "top_p": 0}, "top_p", "(0.0, 1.0]", "0"),
+    ("top_p > 1", oa.CompletionRequest, {**TEXT, "top_p": 1.5}, "top_p", "(0.0, 1.0]", "1.5"),
+    ("top_k < -1", oa.CompletionRequest, {**TEXT, "top_k": -2}, "top_k", "[0, inf)", "-2"),
+    ("max_tokens 0", oa.CompletionRequest, {**TEXT, "max_tokens": 0}, "max_tokens", "[1, 256]", "0"),
+    ("max_tokens negative", oa.ChatCompletionRequest, {**CHAT, "max_tokens": -3}, "max_tokens", "[1, 256]", "-3"),
     ("max_completion_tokens 0", oa.ChatCompletionRequest, {**CHAT, "max_completion_tokens": 0},
-     "max_completion_tokens", "greater than or equal to 1", "0"),
-    ("seed negative", oa.CompletionRequest, {**TEXT, "seed": -1}, "seed", "greater than or equal to 0", "-1"),
+     "max_tokens", "[1, 256]", "0"),
+    ("seed > 64 bits", oa.CompletionRequest, {**TEXT, "seed": 2**64}, "seed", "18446744073709551615",
+     "18446744073709551616"),
     ("penalty", oa.CompletionRequest, {**TEXT, "presence_penalty": 0.5}, "presence_penalty", "0", "0.5"),
     ("5 stop strings", oa.CompletionRequest, {**TEXT, "stop": ["a", "b", "c", "d", "e"]}, "stop",
      "up to 4 non-empty stop strings", "'e'"),
@@ -152,15 +238,15 @@ BAD = [
     ("body a list", oa.CompletionRequest, [TEXT], "body", "JSON object", "list"),
     ("body a string", oa.ChatCompletionRequest, "hello", "body", "JSON object", "str"),
     ("tools", oa.ChatCompletionRequest, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools", "None", "'function'"),
+     "tools", "no tools", "1"),
     ("response_format json", oa.ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_object"}},
      "response_format", "{'type': 'text'}", "'json_object'"),
     ("via_sd mode", oa.CompletionRequest, {**TEXT, "via_sd": {"mode": "fast"}}, "via_sd.mode", "'via-sd'",
      "'fast'"),
-    ("via_sd block_size", oa.CompletionRequest, {**TEXT, "via_sd": {"block_size": 65}}, "via_sd.block_size",
-     "less than or equal to 64", "65"),
-    ("via_sd threshold", oa.CompletionRequest, {**TEXT, "via_sd": {"slim_threshold": 1.5}}, "via_sd.slim_threshold",
-     "less than or equal to 1", "1.5"),
+    ("via_sd block_size", oa.CompletionRequest, {**TEXT, "via_sd": {"block_size": 65}}, "block_size",
+     "[1, 64]", "65"),
+    ("via_sd threshold", oa.CompletionRequest, {**TEXT, "via_sd": {"slim_threshold": 1.5}}, "slim_threshold",
+     "[0.0, 1.0]", "1.5"),
 ]
 
 
@@ -168,7 +254,7 @@ BAD = [
                          ids=[b[0] for b in BAD])
 def test_bad_request_names_field_expected_and_received(model, body, field, expected, received):
     with pytest.raises(InvalidRequest) as err:
-        oa.parse(model, body).to_generate()  # a few checks run only when the request is built
+        oa.parse(model, body).to_generate().check(256)  # the ranges: GenerateRequest.check, shared with gRPC
     message = err.value.message
     assert message.startswith(f"{field}:") or message.startswith(f"{field}."), message
     assert "expected" in message or "unknown field" in message, message
@@ -189,7 +275,7 @@ def test_completion_response_chat_and_text():
     assert chat["id"] == "chatcmpl-1" and chat["object"] == "chat.completion" and chat["model"] == "via-sd-tiny"
     assert isinstance(chat["created"], int)
     assert chat["choices"] == [{"index": 0, "finish_reason": "length", "logprobs": None,
-                                "message": {"role": "assistant", "content": "hello"}}]
+                                "message": {"role": "assistant", "content": "hello", "refusal": None}}]
     assert chat["usage"] == {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13, "via_sd": STATS}
     text = oa.completion_response("cmpl-1", "via-sd-tiny", "hello", [1, 2, 3, 7, 8], LAST, chat=False)
     assert text["object"] == "text_completion"
@@ -230,7 +316,10 @@ def test_usage_chunk():
                                               (503, "server_error")])
 def test_error_body_type_per_status(status, kind):
     body = oa.error_body("something went wrong", status)
-    assert body == {"error": {"message": "something went wrong", "type": kind, "param": None, "code": status}}
+    assert body == {"error": {"message": "something went wrong", "type": kind, "param": None,
+                              "code": oa.ERROR_CODES.get(status)}}
+    assert body["error"]["code"] is None or isinstance(body["error"]["code"], str)  # OpenAI: string or null
+    assert oa.error_body("model: expected 'a', received 'b'", 404)["error"]["code"] == "model_not_found"
 
 
 def test_error_body_param_from_message():
