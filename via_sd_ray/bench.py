@@ -320,10 +320,6 @@ def run_bench(args) -> dict:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from via_sd_ray.models.loading import cpu_field
+
+    return cpu_field(("model name",)) or platform.processor() or platform.machine()

@@ -39,15 +39,20 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The first processor's feature flags (x86 ``flags``, Arm ``Features``); empty where unreadable."""
+    return frozenset((cpu_field(("flags", "Features"), cpuinfo) or "").split())
+
+
+def cpu_field(keys: tuple[str, ...], cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first processor's value of the first of ``keys`` in ``cpuinfo`` (e.g. "model name")."""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                if key.strip() in keys:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
 
 # Extra end-of-sequence tokens some families emit besides the tokenizer's EOS.
 EXTRA_EOS_TOKENS = {"qwen2": ("<|endoftext|>", "<|im_end|>")}
