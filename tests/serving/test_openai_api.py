@@ -280,7 +280,7 @@ def test_completion_response_chat_and_text():
     text = oa.completion_response("cmpl-1", "via-sd-tiny", "hello", [1, 2, 3, 7, 8], LAST, chat=False)
     assert text["object"] == "text_completion"
     assert text["choices"] == [{"index": 0, "finish_reason": "length", "logprobs": None, "text": "hello",
-                                "token_ids": [1, 2, 3, 7, 8]}]
+                                "token_ids": [1, 2, 3, 7, 8], "via_sd_tiers": []}]
     assert text["usage"]["via_sd"] == STATS
     assert LAST["usage"] == {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13}  # not mutated
 
@@ -294,7 +294,7 @@ def test_stream_chunks():
     assert chat["choices"][0]["delta"] == {"content": "hel"} and "token_ids" not in chat["choices"][0]
     last = oa.stream_chunk("chatcmpl-1", "m", LAST, chat=True, return_token_ids=True)
     assert last["choices"][0] == {"index": 0, "finish_reason": "length", "logprobs": None,
-                                  "delta": {"content": "lo"}, "token_ids": [7, 8]}
+                                  "delta": {"content": "lo"}, "token_ids": [7, 8], "via_sd_tiers": []}
     assert "usage" not in last
     text = oa.stream_chunk("cmpl-1", "m", MID, chat=False)
     assert text["object"] == "text_completion"

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from via_sd_ray.config import parse_config
-from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError, check_range
+from via_sd_ray.errors import InvalidRequest, ModelNotFound, ViaSDError
 from via_sd_ray.serving import health as health_checks  # (the Ingress has a method named health)
 from via_sd_ray.serving import openai_api as oa
 from via_sd_ray.serving.auth import BearerAuth
@@ -132,6 +132,9 @@ def from_proto(request: "pb.GenerateRequest") -> GenerateRequest:
         escalate_threshold=request.escalate_threshold if has("escalate_threshold") else None,
         profile=request.profile or None,
         deferred_check=request.deferred_check if has("deferred_check") else None,
+        min_tokens=request.min_tokens,
+        logprobs=request.logprobs if has("logprobs") else None,
+        stop_token_ids=list(request.stop_token_ids),
         **({"request_id": request.request_id} if request.request_id else {}),
     )
 
@@ -146,9 +149,19 @@ def stats_proto(stats: dict) -> "pb.Stats":
     )
 
 
-def chunk_proto(event: dict) -> "pb.GenerateChunk":
+def logprobs_proto(event: dict) -> list:
+    tiers = event.get("token_tiers") or []
+    return [pb.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
+                            tier=tiers[i] if i < len(tiers) else event["tier"],
+                            top=[pb.TopLogprob(token_id=t["token_id"], token=t["token"], logprob=t["logprob"])
+                                 for t in e["top"]])
+            for i, e in enumerate(event.get("logprobs") or [])]
+
+
+def chunk_proto(event: dict, request_id: str = "") -> "pb.GenerateChunk":
     chunk = pb.GenerateChunk(text=event["text"], token_ids=event["token_ids"], tier=event["tier"],
-                             finish_reason=event["finish_reason"] or "")
+                             finish_reason=event["finish_reason"] or "", request_id=request_id,
+                             token_tiers=event.get("token_tiers") or [], logprobs=logprobs_proto(event))
     if event.get("usage"):
         chunk.usage.CopyFrom(pb.Usage(**event["usage"]))
         chunk.stats.CopyFrom(stats_proto(event["stats"]))
@@ -202,6 +215,53 @@ def _error_response(err: BaseException) -> JSONResponse:
     return JSONResponse(oa.error_body(message, status), status_code=status, headers=headers or None)
 
 
+async def coalesce(events):
+    """The router's events with those whose text is empty (a block that ended inside a multi-byte
+    character or a possible stop string) folded into the next one, so no chunk carries empty text;
+    the last event is always passed on."""
+    pending, done = None, False
+    try:
+        async for event in events:
+            if pending is not None:
+                event = {**event, "token_ids": pending["token_ids"] + event["token_ids"],
+                         "token_tiers": pending.get("token_tiers", []) + event.get("token_tiers", []),
+                         "text": pending["text"] + event["text"]}
+                if "logprobs" in pending:
+                    event["logprobs"] = pending["logprobs"] + event.get("logprobs", [])
+                pending = None
+            if not event["text"] and event["finish_reason"] is None:
+                pending = event
+                continue
+            yield event
+        done = True
+    finally:
+        if not done and hasattr(events, "cancel"):  # the client went away: stop the generation behind it
+            events.cancel()
+    if pending is not None:  # (a stream always ends with its final event, which is passed on)
+        yield pending
+
+
+@app.exception_handler(404)
+async def _not_found(request: Request, exc) -> JSONResponse:
+    return JSONResponse(oa.error_body(f"route: expected one of {ROUTES}, received {request.method} "
+                                      f"{request.url.path}", 404, param=None), status_code=404)
+
+
+@app.exception_handler(405)
+async def _not_allowed(request: Request, exc) -> JSONResponse:
+    return JSONResponse(oa.error_body(f"method: expected {_allowed(request.url.path)} for {request.url.path}, "
+                                      f"received {request.method}", 405, param=None), status_code=405,
+                        headers={"Allow": _allowed(request.url.path)})
+
+
+ROUTES = ["GET /health", "GET /livez", "GET /v1/models", "GET /v1/models/{id}", "POST /v1/completions",
+          "POST /v1/chat/completions"]
+
+
+def _allowed(path: str) -> str:
+    return "POST" if path.rstrip("/").endswith("completions") else "GET"
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -224,16 +284,16 @@ class Ingress:
             raise ModelNotFound(f"model: expected {self.model_name!r}, received {model!r}")
 
     def _check_limits(self, request: GenerateRequest) -> None:
-        """The ranges that depend on the configuration, named with the configured bounds."""
-        if request.max_tokens is not None:
-            check_range("max_tokens", request.max_tokens, 1, self.config.limits.max_tokens, kind=int)
+        """The field ranges, the same for both front ends, with the configured max_tokens bound."""
+        request.check(self.config.limits.max_tokens)
 
     def _stream(self, request: GenerateRequest):
         return self.router.options(stream=True).generate.remote(request)
 
     async def _first(self, request: GenerateRequest):
-        """Start a generation and wait for its first event, so request errors surface before any output."""
-        events = self._stream(request)
+        """Start a generation and wait for its first event with text, so request errors surface before any
+        output; returns it and the rest, with empty-text events folded into the next (``coalesce``)."""
+        events = coalesce(self._stream(request))
         first = await events.__anext__()
         return first, events
 
@@ -296,14 +356,26 @@ class Ingress:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "owned_by": "via-sd-ray", "created": 0}
+
     @app.get("/v1/models")
     async def models(self, request: Request):
         try:
             self.auth.check(request.headers.get("authorization"))
         except Exception as err:
             return _error_response(err)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "via-sd-ray",
-                                            "created": 0}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request):
+        try:
+            self.auth.check(request.headers.get("authorization"))
+            if model_id != self.model_name:
+                raise ModelNotFound(f"model: expected {self.model_name!r}, received {model_id!r}")
+        except Exception as err:
+            return _error_response(err)
+        return self._model_card()
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -326,35 +398,50 @@ class Ingress:
             return _error_response(err)
         request_id = oa.new_id("chatcmpl" if chat else "cmpl")
         return_ids = req.via_sd.return_token_ids
+        logprobs = oa.Logprobs(chat)
         if not req.stream:
-            text, ids, last = first["text"], list(first["token_ids"]), first
+            text, ids, last, parts = first["text"], list(first["token_ids"]), first, [logprobs.of(first)]
+            tiers = list(first["token_tiers"])
             try:
                 async for event in events:
                     text += event["text"]
                     ids += event["token_ids"]
+                    tiers += event["token_tiers"]
+                    parts.append(logprobs.of(event))
                     last = event
             except Exception as err:
                 return _error_response(err)
-            return oa.completion_response(request_id, self.model_name, text, ids if return_ids else None, last, chat)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(self._sse(request_id, first, events, chat, return_ids, include_usage),
+            return oa.completion_response(request_id, self.model_name, text, ids if return_ids else None, last, chat,
+                                          oa.Logprobs.merge(parts), tiers)
+        options = req.stream_options or oa.StreamOptions()
+        return StreamingResponse(self._sse(request_id, first, events, chat, return_ids, options, logprobs),
                                  media_type="text/event-stream")
 
-    async def _sse(self, request_id, first, events, chat, return_ids, include_usage):
+    async def _sse(self, request_id, first, events, chat, return_ids, options: "oa.StreamOptions", logprobs):
         if chat:
-            yield _sse(oa.stream_chunk(request_id, self.model_name, None, chat, role=True))
-        last = first
+            yield _sse(oa.stream_chunk(request_id, self.model_name, None, chat, role=True,
+                                       running=oa.running_usage(first["prompt_tokens"], 0)
+                                       if options.continuous_usage_stats else None))
+        last, completion = first, 0
+
+        def chunk(event):
+            nonlocal completion
+            completion += len(event["token_ids"])
+            running = oa.running_usage(event["prompt_tokens"], completion) if options.continuous_usage_stats else None
+            return _sse(oa.stream_chunk(request_id, self.model_name, event, chat, return_token_ids=return_ids,
+                                        logprobs=logprobs.of(event), running=running))
+
         try:
-            yield _sse(oa.stream_chunk(request_id, self.model_name, first, chat, return_token_ids=return_ids))
+            yield chunk(first)
             async for event in events:
                 last = event
-                yield _sse(oa.stream_chunk(request_id, self.model_name, event, chat, return_token_ids=return_ids))
+                yield chunk(event)
         except Exception as err:  # a stream that fails says so
             status, _, message = status_of(err)
             yield _sse(oa.error_body(message, status))
             yield "data: [DONE]\n\n"
             return
-        if include_usage and last.get("usage"):
+        if options.include_usage and last.get("usage"):
             yield _sse(oa.usage_chunk(request_id, self.model_name, last, chat))
         yield "data: [DONE]\n\n"
 
@@ -376,28 +463,31 @@ class Ingress:
 
     async def Generate(self, request: "pb.GenerateRequest", grpc_context=None) -> "pb.GenerateResponse":
         try:
-            first, events = await self._first(self._from_grpc(request, grpc_context))
-            text, ids, last = first["text"], list(first["token_ids"]), first
+            generate = self._from_grpc(request, grpc_context)
+            first, events = await self._first(generate)
+            text, ids, last, logprobs = first["text"], list(first["token_ids"]), first, logprobs_proto(first)
             async for event in events:
                 text += event["text"]
                 ids += event["token_ids"]
+                logprobs += logprobs_proto(event)
                 last = event
         except Exception as err:
             return _grpc_error(grpc_context, err, pb.GenerateResponse())
         return pb.GenerateResponse(text=text, token_ids=ids, finish_reason=last["finish_reason"],
                                    usage=pb.Usage(**last["usage"]), stats=stats_proto(last["stats"]),
-                                   request_id=request.request_id)
+                                   request_id=generate.request_id, logprobs=logprobs)
 
     async def GenerateStream(self, request: "pb.GenerateRequest", grpc_context=None):
         try:
-            first, events = await self._first(self._from_grpc(request, grpc_context))
+            generate = self._from_grpc(request, grpc_context)
+            first, events = await self._first(generate)
         except Exception as err:
             _grpc_error(grpc_context, err, None)
             raise
         try:
-            yield chunk_proto(first)
+            yield chunk_proto(first, generate.request_id)
             async for event in events:
-                yield chunk_proto(event)
+                yield chunk_proto(event, generate.request_id)
         except Exception as err:
             _grpc_error(grpc_context, err, None)
             raise

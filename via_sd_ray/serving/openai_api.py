@@ -267,7 +267,7 @@ def _chat_entry(e: dict) -> dict:
 
 
 def completion_response(request_id: str, model: str, text: str, token_ids: list[int] | None, last_event: dict,
-                        chat: bool, logprobs: dict | None = None) -> dict:
+                        chat: bool, logprobs: dict | None = None, token_tiers: list[str] | None = None) -> dict:
     choice: dict[str, Any] = {"index": 0, "finish_reason": last_event["finish_reason"], "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text, "refusal": None}
@@ -275,6 +275,7 @@ def completion_response(request_id: str, model: str, text: str, token_ids: list[
         choice["text"] = text
     if token_ids is not None:
         choice["token_ids"] = token_ids
+        choice["via_sd_tiers"] = token_tiers or []
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage(last_event)}
 
@@ -291,6 +292,7 @@ def stream_chunk(request_id: str, model: str, event: dict | None, chat: bool, *,
         choice["text"] = text
     if return_token_ids and event:
         choice["token_ids"] = event["token_ids"]
+        choice["via_sd_tiers"] = event.get("token_tiers") or []
     chunk = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
              "created": int(time.time()), "model": model, "choices": [choice]}
     if running is not None:

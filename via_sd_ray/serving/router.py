@@ -22,8 +22,8 @@ from typing import Any
 from via_sd_ray.config import EngineConfig, parse_config
 from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall
 from via_sd_ray.core.policy import Mode, load_block_cap
-from via_sd_ray.core.sampling import SamplingParams
-from via_sd_ray.errors import ConfigError, InvalidRequest, TierUnavailable, ViaSDError
+from via_sd_ray.core.sampling import MAX_LOGPROBS, SamplingParams
+from via_sd_ray.errors import ConfigError, InvalidRequest, TierUnavailable, ViaSDError, check_range
 from via_sd_ray.models.detok import IncrementalText
 
 
@@ -49,7 +49,32 @@ class GenerateRequest:
     escalate_threshold: float | None = None
     profile: str | None = None  # a router preset (router.presets); None: the default point
     deferred_check: bool | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None  # report logprobs with this many top alternatives per token; None: none
+    stop_token_ids: list[int] = field(default_factory=list)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def check(self, max_tokens_limit: int) -> None:
+        """The field ranges, the same for HTTP and gRPC (types are each front end's own schema)."""
+        if self.max_tokens is not None:
+            check_range("max_tokens", self.max_tokens, 1, max_tokens_limit, kind=int)
+        check_range("temperature", self.temperature, 0.0, 2.0)
+        check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("top_k", self.top_k, 0, kind=int)
+        if self.seed is not None:
+            check_range("seed", self.seed, -(2**63), 2**64 - 1, kind=int)
+        check_range("min_tokens", self.min_tokens, 0, self.max_tokens or max_tokens_limit, kind=int)
+        if self.logprobs is not None:
+            check_range("logprobs", self.logprobs, 0, MAX_LOGPROBS, kind=int)
+        if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequest(f"stop: expected up to 4 non-empty stop strings, received {self.stop!r}")
+        for i, token in enumerate(self.stop_token_ids):
+            check_range(f"stop_token_ids.{i}", token, 0, kind=int)
+        if self.block_size is not None:
+            check_range("block_size", self.block_size, 1, 64, kind=int)
+        for name in ("direct_threshold", "slim_threshold", "escalate_threshold"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 0.0, 1.0)
 
 
 class TierClient:
@@ -127,9 +152,14 @@ class GenerationRouter:
             max_tokens = max(1, min(limits.default_max_tokens, self.text.max_context - prompt_tokens))
         elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
             raise InvalidRequest(f"max_tokens: expected a value in [1, {limits.max_tokens}], received {max_tokens}")
+        vocab = len(self.text.tokenizer)
+        if any(t >= vocab for t in request.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids: expected token ids in [0, {vocab}), received "
+                                 f"{request.stop_token_ids}")
         return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                               top_k=request.top_k, seed=request.seed, stop=tuple(request.stop or ()),
-                              ignore_eos=request.ignore_eos)
+                              stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos,
+                              min_tokens=min(request.min_tokens, max_tokens), logprobs=request.logprobs)
 
     def policy(self, request: GenerateRequest):
         overrides = {k: getattr(request, k) for k in ("mode", "lossless", "block_size", "direct_threshold",
@@ -189,8 +219,12 @@ class GenerationRouter:
             "token_ids": commit.tokens,
             "text": detok.push(generation.output_ids, final=done, end=generation.stop_text_end if done else None),
             "tier": commit.tier.value,
+            "token_tiers": [t.value for t in commit.token_tiers],
             "finish_reason": commit.finish_reason,
+            "prompt_tokens": prompt_tokens,
         }
+        if commit.logprobs is not None:
+            event["logprobs"] = [self._logprob(token, lp) for token, lp in zip(commit.tokens, commit.logprobs)]
         if done:
             elapsed = time.perf_counter() - start
             completion = len(generation.output_ids)
@@ -201,6 +235,12 @@ class GenerationRouter:
                          mode=generation.policy.mode.value, lossless=generation.policy.lossless)
             event["stats"] = stats
         return event
+
+    def _logprob(self, token: int, lp) -> dict[str, Any]:
+        """A token's logprob entry: its text piece, log-probability and top alternatives."""
+        piece = self.text.tokenizer.decode
+        return {"token_id": token, "token": piece([token]), "logprob": lp.logprob,
+                "top": [{"token_id": t, "token": piece([t]), "logprob": v} for t, v in lp.top]}
 
     async def _call(self, call: DraftCall | VerifyCall):
         tier = "drafter" if isinstance(call, DraftCall) else call.tier.value
