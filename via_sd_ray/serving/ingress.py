@@ -243,14 +243,14 @@ async def coalesce(events):
 
 @app.exception_handler(404)
 async def _not_found(request: Request, exc) -> JSONResponse:
-    return JSONResponse(oa.error_body(f"route: expected one of {ROUTES}, received {request.method} "
-                                      f"{request.url.path}", 404, param=None), status_code=404)
+    return JSONResponse(oa.error_body(f"unknown route {request.method} {request.url.path} (expected one of "
+                                      f"{ROUTES})", 404), status_code=404)
 
 
 @app.exception_handler(405)
 async def _not_allowed(request: Request, exc) -> JSONResponse:
-    return JSONResponse(oa.error_body(f"method: expected {_allowed(request.url.path)} for {request.url.path}, "
-                                      f"received {request.method}", 405, param=None), status_code=405,
+    return JSONResponse(oa.error_body(f"method {request.method} is not allowed for {request.url.path} (expected "
+                                      f"{_allowed(request.url.path)})", 405), status_code=405,
                         headers={"Allow": _allowed(request.url.path)})
 
 
