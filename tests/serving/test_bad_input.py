@@ -46,13 +46,15 @@ HTTP = [
     ("prompt over the context", body(prompt="x" * CONTEXT), 400, "prompt", f"fewer than {CONTEXT} tokens"),
     ("prompt + max_tokens over the context", body(prompt="x" * 1000, max_tokens=100), 400, "prompt + max_tokens",
      f"at most {CONTEXT} tokens"),
-    ("max_tokens 0", body(max_tokens=0), 400, "max_tokens", "greater than or equal to 1"),
-    ("max_tokens negative", body(max_tokens=-5), 400, "max_tokens", "greater than or equal to 1"),
+    # the same ranges and messages as gRPC (GenerateRequest.check)
+    ("max_tokens 0", body(max_tokens=0), 400, "max_tokens", f"[1, {LIMIT}]"),
+    ("max_tokens negative", body(max_tokens=-5), 400, "max_tokens", f"[1, {LIMIT}]"),
     ("max_tokens over the limit", body(max_tokens=LIMIT + 1), 400, "max_tokens", f"[1, {LIMIT}]"),
-    ("temperature < 0", body(temperature=-0.5), 400, "temperature", "greater than or equal to 0"),
-    ("top_p 0", body(top_p=0), 400, "top_p", "greater than 0"),
-    ("top_p 1.5", body(top_p=1.5), 400, "top_p", "less than or equal to 1"),
-    ("top_k < 0", body(top_k=-1), 400, "top_k", "greater than or equal to 0"),
+    ("temperature < 0", body(temperature=-0.5), 400, "temperature", "[0.0, 2.0]"),
+    ("temperature > 2", body(temperature=5.0), 400, "temperature", "[0.0, 2.0]"),
+    ("top_p 0", body(top_p=0), 400, "top_p", "(0.0, 1.0]"),
+    ("top_p 1.5", body(top_p=1.5), 400, "top_p", "(0.0, 1.0]"),
+    ("top_k < -1", body(top_k=-2), 400, "top_k", "[0, inf)"),  # -1 is vLLM's "no top-k cut"
     ("unknown model", body(model="gpt-4o"), 404, "model", repr(MODEL)),
     ("unknown mode", body(via_sd={"mode": "turbo"}), 400, "via_sd.mode", "'ar', 'sd' or 'via-sd'"),
     ("thresholds out of order", body(via_sd={"slim_threshold": 0.9, "direct_threshold": 0.5}), 400,
@@ -87,7 +89,8 @@ def test_http_bad_input(http, content, status, field, allowed):
     error = response.json()["error"]
     print(f"HTTP {response.status_code}: {error['message'][:200]}")
     assert response.status_code == status, error
-    assert error["code"] == oa.ERROR_CODES.get(status) and error["param"] == field.split(" ")[0]
+    code = "model_not_found" if field == "model" else oa.ERROR_CODES.get(status)
+    assert error["code"] == code and error["param"] == field.split(" ")[0]
     assert error["message"].startswith(f"{field}:"), error["message"]
     assert allowed in error["message"], error["message"]
     good_http(http)
@@ -110,7 +113,8 @@ GRPC = [
     ("max_tokens 0", message(max_tokens=0), "INVALID_ARGUMENT", "max_tokens", f"[1, {LIMIT}]"),
     ("max_tokens negative", message(max_tokens=-5), "INVALID_ARGUMENT", "max_tokens", f"[1, {LIMIT}]"),
     ("max_tokens over the limit", message(max_tokens=LIMIT + 1), "INVALID_ARGUMENT", "max_tokens", f"[1, {LIMIT}]"),
-    ("temperature < 0", message(temperature=-0.5), "INVALID_ARGUMENT", "temperature", "[0.0, inf)"),
+    ("temperature < 0", message(temperature=-0.5), "INVALID_ARGUMENT", "temperature", "[0.0, 2.0]"),
+    ("temperature > 2", message(temperature=5.0), "INVALID_ARGUMENT", "temperature", "[0.0, 2.0]"),
     ("temperature NaN", message(temperature=float("nan")), "INVALID_ARGUMENT", "temperature", "finite"),
     ("top_p 0", message(top_p=0.0), "INVALID_ARGUMENT", "top_p", "(0.0, 1.0]"),
     ("top_p 1.5", message(top_p=1.5), "INVALID_ARGUMENT", "top_p", "(0.0, 1.0]"),
