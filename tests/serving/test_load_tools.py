@@ -23,7 +23,7 @@ from via_sd_ray.models.loading import load_tokenizer, resolve
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "via-sd-tiny"  # conftest.SERVING_ARGS["served_model_name"]
 REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS = 10, 32, 16
-TOOL_TIMEOUT_S = 240  # one tool run, start-up included (both take well under a minute on 2 cores)
+TOOL_TIMEOUT_S = 240  # one tool run, start-up included (measured 22-60 s each on 2 busy cores)
 INSTALL = {
     "guidellm": 'python3 -m venv .venv-tools/guidellm && .venv-tools/guidellm/bin/pip install "torch==2.13.0" '
                 '"guidellm==0.8.*"',
