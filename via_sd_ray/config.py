@@ -169,7 +169,8 @@ class RouterConfig(_Strict):
 class LimitsConfig(_Strict):
     max_tokens: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
-    max_cache_bytes: int | None = Field(None, ge=1, description="KV-cache budget per tier runner (LRU eviction).")
+    max_cache_bytes: int | None = Field(None, ge=1, description="Former name of serving.kv_cache_bytes (used when "
+                                        "that is unset).")
 
 
 DEPLOYMENTS = ("Ingress", "Router", "Drafter", "SlimVerifier", "FullVerifier")
@@ -246,6 +247,28 @@ class ServingConfig(_Strict):
                            "KV cache (session affinity on the generation id).")
     cache_idle_timeout_s: float = Field(60.0, gt=0, description="A tier replica drops a generation's KV cache "
                                         "after this long without a call (its release went elsewhere or was lost).")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV pool of each tier replica, allocated at start; "
+                                       "null: kv_cache_fraction of the device's free memory.")
+    kv_cache_fraction: float = Field(0.25, gt=0, le=0.95, description="Share of the free memory of the tier's "
+                                     "device (GPU: torch.cuda.mem_get_info; CPU: available RAM) its KV pool takes "
+                                     "when kv_cache_bytes is null.")
+    kv_slot_tokens: int | None = Field(None, ge=16, description="Tokens one generation's KV slot holds: the longest "
+                                       "prompt + max_tokens served (null: the models' context window).")
+    kv_max_slots: int = Field(64, ge=1, le=4096, description="Most slots a pool has (generations a replica holds "
+                              "at once, running or kept as reusable prefixes).")
+    prefill_chunk_tokens: int | None = Field(512, ge=16, description="Most catch-up tokens of one call in one "
+                                             "forward pass: a long prompt is prefilled in chunks, each in a batch "
+                                             "with other generations' steps (null: in one pass).")
+    prefix_min_tokens: int | None = Field(16, ge=1, description="Shortest cached prefix a new generation copies "
+                                          "from another one's slot (null: only a finished generation's own slot "
+                                          "is reused).")
+    prefix_affinity_tokens: int | None = Field(256, ge=1, description="Route a generation by a hash of its first "
+                                               "this many prompt tokens (prompts at least this long), so prompts "
+                                               "sharing them meet their cached prefix; null: by generation id.")
+    admission_timeout_s: float = Field(30.0, ge=0, description="Longest a new generation waits for a free KV slot "
+                                       "before it is refused (429 / RESOURCE_EXHAUSTED with Retry-After).")
+    admission_queue: int = Field(64, ge=0, description="New generations a tier replica lets wait for a slot; more "
+                                 "are refused at once.")
     deployments: dict[Literal[DEPLOYMENTS], DeploymentOptions] = Field(
         default_factory=_default_deployments, description="Per-deployment Serve options; unnamed deployments "
         "keep the defaults.")

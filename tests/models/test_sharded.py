@@ -1,6 +1,6 @@
 """The lock-step protocol of tensor-parallel verifier tiers (``models.sharded``), without DeepSpeed or
 Ray: a worker given rank 0's calls, in order, keeps caches holding exactly rank 0's tokens and K/V
-through generations with rollback, catch-up, eviction and release; bad requests leave the group
+through generations with rollback, catch-up, slot reuse and release; bad requests leave the group
 usable; a dead worker fails the tier's calls and its health check."""
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def sharded_engine(build_tiny_engine):
     engine = build_tiny_engine()
     worker = ShardWorker(worker_stacks())
     group = ShardGroup(InlinePeers([worker]))
-    budget = engine.config.limits.max_cache_bytes
-    engine.full = TierRunner(ShardedStack(engine.full.stack, "full", group), budget, name="full")
-    engine.slim = TierRunner(ShardedStack(engine.slim.stack, "slim", group), budget, name="slim")
+    engine.full = TierRunner(ShardedStack(engine.full.stack, "full", group), engine.full.stack.new_pool(4, 1024),
+                             name="full", prefill_chunk=64)
+    engine.slim = TierRunner(ShardedStack(engine.slim.stack, "slim", group), engine.slim.stack.new_pool(4, 1024),
+                             name="slim", prefill_chunk=64)
     return engine, group, worker
 
 
@@ -80,7 +81,7 @@ def assert_in_step(engine, group, worker):
     worker holds nothing else but caches rank 0 dropped since its last pass."""
     live = {}
     for runner in (engine.full, engine.slim):
-        for cache in runner.caches.values():
+        for cache in [*runner.caches.values(), *runner.finished.values()]:  # running, and kept as prefixes
             mirror = worker.caches[group._cache_ids[cache]]
             n = len(cache)
             assert mirror.token_ids[:n] == cache.token_ids
@@ -112,13 +113,16 @@ def test_worker_caches_stay_in_step_and_outputs_are_unchanged(sharded_engine, ti
     assert_in_step(engine, group, worker)
 
 
-def test_evicted_and_rebuilt_caches_are_mirrored():
+def test_caches_of_reused_slots_are_mirrored():
+    """One slot for two generations: each call after the other's release takes the slot over with a new
+    cache (the old one's mirror is dropped); the first ids share a prefix, which is taken over in place."""
     worker = ShardWorker(worker_stacks())
     group = ShardGroup(InlinePeers([worker]))
-    runner = TierRunner(ShardedStack(worker_stacks()["full"], "full", group), max_cache_bytes=1, name="full")
-    committed = {"a": list(range(10, 30)), "b": list(range(40, 45))}
+    stack = ShardedStack(worker_stacks()["full"], "full", group)
+    runner = TierRunner(stack, stack.new_pool(1, 256), name="full", prefill_chunk=8)
+    committed = {"a": list(range(10, 30)), "b": list(range(10, 15)) + list(range(40, 45))}
     for step in range(4):
-        for generation_id, ids in committed.items():  # one cache fits: each call evicts the other's
+        for generation_id, ids in committed.items():
             verdict = runner.verify(VerifyCall(Tier.FULL, generation_id, ids, [ids[-1], 7, 8],
                                                SamplingParams(max_tokens=64), seed=step))
             ids.extend(verdict.tokens([ids[-1], 7, 8]))
@@ -127,7 +131,9 @@ def test_evicted_and_rebuilt_caches_are_mirrored():
             assert mirror.token_ids[: len(cache)] == cache.token_ids
             assert torch.equal(mirror.data[..., : len(cache), :], cache.data[..., : len(cache), :])
             assert set(worker.caches) <= {group._cache_ids[cache]} | set(group._dropped)
-    assert runner.stats.evictions >= 6
+            runner.release(generation_id)
+    assert runner.stats.cache_misses == 8 and runner.stats.prefix_hits == 7  # the 5 shared tokens, after the first
+    assert runner.stats.prefill_chunks > 0 and runner.stats.preemptions == 0
 
 
 def test_a_bad_request_is_refused_by_every_rank_and_the_group_goes_on(sharded_engine):

@@ -11,10 +11,14 @@ catch-up tokens of a verifier pass need KV entries but no logits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from via_sd_ray.errors import ConfigError
-from via_sd_ray.models.kv_cache import KVCache
+from via_sd_ray.models.kv_cache import KVCache, KVPool
 
 # Architectures whose decoder layers take (hidden, attention_mask, position_ids,
 # past_key_values, position_embeddings) and whose model adds nothing between them.
@@ -45,6 +49,7 @@ class DecoderStack(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = num_kv_heads or config.num_key_value_heads
         self.max_context = config.max_position_embeddings
+        _use_packed_attention(lm)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,94 +67,82 @@ class DecoderStack(nn.Module):
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.layer_ids, self.num_kv_heads, self.head_dim, self.dtype, self.device, capacity)
 
-    @torch.inference_mode()
+    def new_pool(self, slots: int, slot_tokens: int) -> KVPool:
+        return KVPool(self.layer_ids, self.num_kv_heads, self.head_dim, self.dtype, self.device, slots, slot_tokens)
+
+    def pool_cache(self, pool: KVPool, slot: int) -> KVCache:
+        return pool.cache(slot)
+
     def forward(self, token_ids: list[int], cache: KVCache, num_logits: int) -> torch.Tensor:
         """Run ``token_ids`` after what ``cache`` holds; return float32 logits [num_logits, V] of the last
         ``num_logits`` positions. The cache then holds ``token_ids`` too."""
-        n = len(token_ids)
-        assert 1 <= num_logits <= n
-        start = cache.begin(n)
-        if start + n > self.max_context:
-            raise ValueError(f"sequence of {start + n} tokens exceeds the context window of {self.max_context}")
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
-        hidden = self.embed_tokens(ids)  # [1, T, H]
-        positions = torch.arange(start, start + n, device=self.device)[None]  # [1, T]
-        rotary = self.rotary_emb(hidden, position_ids=positions)
-        mask = _causal_mask(start, n, hidden.dtype, self.device)  # [1, 1, T, start + T] or None
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, position_embeddings=rotary)
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-        cache.finish(token_ids)
-        hidden = self.norm(hidden[:, n - num_logits :])  # [1, num_logits, H]
-        return self.lm_head(hidden)[0].float()  # [num_logits, V]
-
+        return self.forward_batch([token_ids], [cache], [num_logits])[0]
 
     @torch.inference_mode()
     def forward_batch(self, token_lists: list[list[int]], caches: list[KVCache],
                       num_logits: list[int]) -> list[torch.Tensor]:
-        """``forward`` for several generations in one pass (ragged lengths, right-padded).
+        """``forward`` for several generations in one pass.
 
         Row i runs ``token_lists[i]`` after what ``caches[i]`` holds and gets float32 logits
-        [num_logits[i], V]. One row takes exactly the unbatched path.
+        [num_logits[i], V] (0 rows: a prefill chunk). The rows are packed one after another into a
+        single sequence, so no row pads another; attention reads each row's cache where it lies.
         """
-        if len(token_lists) == 1:
-            return [self.forward(token_lists[0], caches[0], num_logits[0])]
         lengths = [len(t) for t in token_lists]
+        assert all(n >= 1 for n in lengths) and all(0 <= k <= n for k, n in zip(num_logits, lengths))
+        longest = max(len(cache) + n for cache, n in zip(caches, lengths))
+        if longest > self.max_context:
+            raise ValueError(f"sequence of {longest} tokens exceeds the context window of {self.max_context}")
         starts = [cache.begin(n) for cache, n in zip(caches, lengths)]
-        if any(s + n > self.max_context for s, n in zip(starts, lengths)):
-            raise ValueError(f"a sequence exceeds the context window of {self.max_context}")
-        width = max(lengths)
-        ids = torch.zeros((len(lengths), width), dtype=torch.long, device=self.device)  # [B, T]
-        positions = torch.zeros_like(ids)  # [B, T]
-        for i, (tokens, start, n) in enumerate(zip(token_lists, starts, lengths)):
-            ids[i, :n] = torch.tensor(tokens, dtype=torch.long)
-            positions[i] = torch.arange(start, start + width).clamp_max(start + n - 1)
-        hidden = self.embed_tokens(ids)  # [B, T, H]
+        ids = torch.tensor([[t for tokens in token_lists for t in tokens]], dtype=torch.long,
+                           device=self.device)  # [1, N]: the rows packed
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])[None].to(self.device)
+        hidden = self.embed_tokens(ids)  # [1, N, H]
         rotary = self.rotary_emb(hidden, position_ids=positions)
-        view = _BatchedCache(caches, starts, lengths)
-        mask = view.mask(width, hidden.dtype, self.device)  # [B, 1, T, S]
+        packed = PackedRows(caches, starts, lengths, self.device)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=view,
-                           use_cache=True, position_embeddings=rotary)
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, cache=packed, use_cache=True,
+                           position_embeddings=rotary, packed=packed)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        rows = [hidden[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits))]
         for cache, tokens in zip(caches, token_lists):
             cache.finish(tokens)
-        logits = self.lm_head(self.norm(torch.cat(rows)[None]))[0].float()  # [sum(num_logits), V]
+        wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
+        if not wanted:
+            return [hidden.new_empty((0, self.vocab_size), dtype=torch.float32) for _ in lengths]
+        rows = hidden[:, torch.tensor(wanted, device=self.device)]  # [1, sum(num_logits), H]
+        logits = self.lm_head(self.norm(rows))[0].float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits))
 
 
-class _BatchedCache:
-    """Presents the per-generation caches of a batch to the attention modules as one padded cache."""
+class PackedRows:
+    """The caches of a packed pass, as transformers' attention modules see them.
 
-    def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int]):
+    ``update`` writes each row's new keys and values into its own cache (the only copy a pass
+    makes); ``attend`` then runs attention row by row over views of each row's cache, with a mask
+    only where a row's queries start after cached keys (at most [T_row, start + T_row])."""
+
+    def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int], device):
         self.caches, self.starts, self.lengths = caches, starts, lengths
-        self.span = max(s + n for s, n in zip(starts, lengths))  # S: keys of the longest row
+        self.offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        self.masks = [None if n == 1 or s == 0 else
+                      torch.ones((n, s + n), dtype=torch.bool, device=device).tril(diagonal=s)  # [T, S]
+                      for s, n in zip(starts, lengths)]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write each row's new ``key``/``value`` [B, H, T, D] into its cache; return padded [B, H, S, D]."""
-        b, h, _, d = key.shape
-        keys = key.new_zeros((b, h, self.span, d))
-        values = value.new_zeros((b, h, self.span, d))
-        for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
-            k_all, v_all = cache.update(key[i : i + 1, :, :n], value[i : i + 1, :, :n], layer_idx)
-            keys[i, :, : k_all.shape[2]] = k_all[0]
-            values[i, :, : v_all.shape[2]] = v_all[0]
-        return keys, values
+        """Write the rows' ``key``/``value`` [1, H, N, D] into their caches."""
+        for cache, off, n in zip(self.caches, self.offsets, self.lengths):
+            cache.write(layer_idx, key[:, :, off : off + n], value[:, :, off : off + n])
+        return key, value
 
-    def mask(self, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """Row i, query j sees keys 0..start_i + j; padding queries see key 0 only."""
-        keys = torch.arange(self.span, device=device)
-        allowed = torch.zeros((len(self.caches), width, self.span), dtype=torch.bool, device=device)
-        for i, (start, n) in enumerate(zip(self.starts, self.lengths)):
-            queries = torch.arange(start, start + n, device=device)
-            allowed[i, :n] = keys[None, :] <= queries[:, None]
-            allowed[i, n:, 0] = True
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)[:, None]
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Attention of the packed ``query`` [1, Hq, N, D] over each row's cache; returns [1, N, Hq, D]."""
+        out = torch.empty_like(query)
+        for cache, start, n, off, mask in zip(self.caches, self.starts, self.lengths, self.offsets, self.masks):
+            keys, values = cache.layer(layer_idx, start + n)  # [1, H, S, D] views of the row's cache
+            out[:, :, off : off + n] = F.scaled_dot_product_attention(
+                query[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=n > 1 and start == 0,
+                scale=scaling, enable_gqa=keys.shape[1] != query.shape[1])
+        return out.transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return min(self.starts)
@@ -159,15 +152,29 @@ class _BatchedCache:
         return False
 
 
-def _causal_mask(start: int, n: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-    """Additive mask letting query i (at position start + i) see keys 0..start + i."""
-    if n == 1:
-        return None  # a single query sees every cached key
-    keys = torch.arange(start + n, device=device)
-    queries = torch.arange(start, start + n, device=device)
-    blocked = keys[None, :] > queries[:, None]  # [T, start + T]
-    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-        blocked, torch.finfo(dtype).min)[None, None]
+PACKED_ATTENTION = "via_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     packed: PackedRows | None = None, **kwargs):
+    """The attention function of a model a ``DecoderStack`` drives: packed rows when the stack runs it,
+    the model's own implementation otherwise (transformers' ``generate`` on the same model)."""
+    if packed is None:
+        fallback = ALL_ATTENTION_FUNCTIONS.get_interface(module.via_fallback_attention, eager_attention_forward)
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return packed.attend(module.layer_idx, query, scaling), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def _use_packed_attention(lm: nn.Module) -> None:
+    current = lm.config._attn_implementation
+    if current == PACKED_ATTENTION:
+        return
+    for layer in lm.model.layers:
+        layer.self_attn.via_fallback_attention = current
+    lm.config._attn_implementation = PACKED_ATTENTION
 
 
 def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:

@@ -1,14 +1,17 @@
-"""The KV cache of one generation in one tier.
+"""KV caches: one generation's cache in one tier, and the slot pool a tier replica keeps them in.
 
-Storage is one preallocated tensor that grows by doubling, so appending a block is a
-copy into place (no concatenation per step) and rollback is just a shorter length.
-``token_ids`` records which tokens the cached entries belong to: a tier brings its cache
-in line with the committed tokens by cropping to their longest common prefix (rollback)
-and running the missing tokens in its next forward pass (catch-up).
+A ``KVCache`` is storage [L, k|v, 1, H, T, D] plus ``token_ids``, the tokens its entries
+belong to. A forward pass writes only its new tokens' keys and values, in place; rollback
+is a shorter length. A tier brings its cache in line with the committed tokens by cropping
+to their longest common prefix (rollback) and running the missing tokens in its next
+forward pass (catch-up).
 
-It answers the one method transformers' attention modules call on a cache,
-``update(key, value, layer_idx)``, so the decoder layers of a Hugging Face model can
-write into it directly.
+A ``KVPool`` is what a serving tier replica allocates once, at start: per layer
+[slots, H, max_len, D] keys and values, sized from a byte budget. Each generation's cache is
+a view of one slot (``pool.cache(slot)``), so nothing is allocated, grown or copied while
+serving, and a batched pass reads every row's slot where it lies. A cache made without a
+pool (``KVCache(...)``) owns its storage and grows by doubling (tests, tensor-parallel
+mirror ranks, one-off tools).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         capacity: int = 256,
+        data: torch.Tensor | None = None,  # a pool slot's storage [L, 2, 1, H, T, D]: fixed capacity
     ):
         self.slots = {layer: slot for slot, layer in enumerate(layer_ids)}
         self.shape = (len(layer_ids), 2, 1, num_kv_heads, capacity, head_dim)  # [L, k|v, B=1, H, T, D]
-        self.data = torch.empty(self.shape, dtype=dtype, device=device)
+        self.growable = data is None
+        self.data = torch.empty(self.shape, dtype=dtype, device=device) if data is None else data
         self.token_ids: list[int] = []
         self._write_at = 0  # where the forward pass in progress writes
 
@@ -59,6 +64,9 @@ class KVCache:
         """Prepare a forward pass over ``new_tokens`` tokens; returns their first position."""
         need = len(self.token_ids) + new_tokens
         if need > self.capacity:
+            if not self.growable:
+                raise ValueError(f"sequence of {need} tokens exceeds the KV slot of {self.capacity} tokens "
+                                 "(serving.kv_slot_tokens)")
             capacity = max(need, 2 * self.capacity)
             grown = torch.empty((*self.shape[:4], capacity, self.shape[5]), dtype=self.data.dtype,
                                 device=self.data.device)
@@ -67,18 +75,33 @@ class KVCache:
         self._write_at = len(self.token_ids)
         return self._write_at
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write ``key``/``value`` [1, H, T, D] of the pass in progress; return all keys/values so far."""
+    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``key``/``value`` [1, H, T, D] of the pass in progress at its positions."""
         slot = self.slots[layer_idx]
         end = self._write_at + key.shape[2]
         self.data[slot, 0, :, :, self._write_at : end] = key
         self.data[slot, 1, :, :, self._write_at : end] = value
+
+    def layer(self, layer_idx: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first ``end`` keys and values of a layer, [1, H, end, D] each (no copy)."""
+        slot = self.slots[layer_idx]
         return self.data[slot, 0, :, :, :end], self.data[slot, 1, :, :, :end]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """The one method transformers' attention calls on a cache: write, return all keys/values so far."""
+        self.write(layer_idx, key, value)
+        return self.layer(layer_idx, self._write_at + key.shape[2])
 
     def finish(self, token_ids: list[int]) -> None:
         """Record the tokens of the pass that just ran."""
         assert len(self.token_ids) == self._write_at
         self.token_ids.extend(token_ids)
+
+    def copy_prefix(self, source: KVCache, length: int) -> None:
+        """Start as ``source``'s first ``length`` tokens (prefix reuse): a copy of their entries."""
+        assert len(self) == 0 and length <= len(source) and length <= self.capacity
+        self.data[:, :, :, :, :length] = source.data[:, :, :, :, :length]
+        self.token_ids = list(source.token_ids[:length])
 
     # transformers asks a cache for these in a few code paths; answer consistently.
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -87,3 +110,47 @@ class KVCache:
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+class KVPool:
+    """Preallocated slots of one decoder stack's KV entries: per layer [slots, H, max_len, D] keys and values."""
+
+    def __init__(self, layer_ids: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, slots: int, slot_tokens: int):
+        assert slots >= 1 and slot_tokens >= 1
+        self.layer_ids = list(layer_ids)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.slot_tokens = slot_tokens
+        self.data = torch.empty((len(layer_ids), 2, slots, num_kv_heads, slot_tokens, head_dim),
+                                dtype=dtype, device=device)  # [L, k|v, slots, H, T, D]
+
+    @property
+    def slots(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def cache(self, slot: int) -> KVCache:
+        """An empty cache over slot ``slot`` (its storage is the pool's: [L, 2, 1, H, T, D])."""
+        return KVCache(self.layer_ids, self.num_kv_heads, self.head_dim, self.data.dtype, self.data.device,
+                       self.slot_tokens, data=self.data[:, :, slot : slot + 1])
+
+    def describe(self) -> str:
+        return f"{self.slots} slots x {self.slot_tokens} tokens ({self.nbytes / 2**20:.0f} MiB)"
+
+
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """KV bytes one token takes in a stack of ``num_layers`` layers."""
+    return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def free_device_bytes(device: torch.device | str) -> int:
+    """Memory free on ``device`` now: the GPU's (``torch.cuda.mem_get_info``), or the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available

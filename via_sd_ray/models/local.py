@@ -23,7 +23,7 @@ from via_sd_ray.models.detok import IncrementalText
 from via_sd_ray.models.loading import eos_token_ids, load_tokenizer, resolve
 from via_sd_ray.models.runner import TierRunner
 from via_sd_ray.models.sharded import ShardLauncher
-from via_sd_ray.models.tiers import build_drafter, verifier_stacks
+from via_sd_ray.models.tiers import build_drafter, tier_runner, verifier_stacks
 
 
 @dataclass
@@ -86,9 +86,8 @@ class LocalEngine:
         self.tokenizer = load_tokenizer(verifier_src)
         stacks = verifier_stacks(config, {"full": None, "slim": config.slim.layers}, None, launcher)
         self.verifier_model = stacks["full"].hf_model  # on its engine (rank 0's shard under tensor parallelism)
-        budget = config.limits.max_cache_bytes
-        self.full = TierRunner(stacks["full"], budget, name="full")
-        self.slim = TierRunner(stacks["slim"], budget, name="slim")
+        self.full = tier_runner(stacks["full"], config, "full")
+        self.slim = tier_runner(stacks["slim"], config, "slim")
         self.drafter = build_drafter(config, stacks["full"].vocab_size)
         if isinstance(self.drafter, TierRunner):
             self.drafter_model = self.drafter.stack.hf_model
@@ -150,6 +149,56 @@ class LocalEngine:
             times=times,
             elapsed=time.perf_counter() - start,
         )
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                       policy: RouterPolicy | None = None) -> list[GenerationResult]:
+        """Run several generations together, as a serving replica batches them: each round collects every
+        unfinished generation's next tier call and runs the calls of one tier in one batched pass
+        (a long prompt's prefill in chunks, the others' steps beside it). Results in prompt order;
+        each one's ``elapsed`` runs from the common start to its last token."""
+        generations = [self.new_generation(p, params, policy) for p in prompts]
+        steps = [g.steps() for g in generations]
+        times = [TierTimes() for _ in prompts]
+        elapsed: list[float] = [0.0] * len(prompts)
+        calls: dict[int, DraftCall | VerifyCall] = {}
+        start = time.perf_counter()
+
+        def advance(i: int, reply) -> None:
+            while True:
+                try:
+                    item = steps[i].send(reply)
+                except StopIteration:
+                    elapsed[i] = time.perf_counter() - start
+                    return
+                if isinstance(item, Commit):
+                    reply = None
+                    continue
+                calls[i] = item
+                return
+
+        try:
+            for i in range(len(prompts)):
+                advance(i, None)
+            while calls:
+                by_tier: dict[str, list[int]] = {}
+                for i, call in calls.items():
+                    by_tier.setdefault("drafter" if isinstance(call, DraftCall) else call.tier.value, []).append(i)
+                for tier, rows in by_tier.items():
+                    began = time.perf_counter()
+                    batch = [calls.pop(i) for i in rows]
+                    runner = {"drafter": self.drafter, "slim": self.slim, "full": self.full}[tier]
+                    replies = runner.draft_batch(batch) if tier == "drafter" else runner.verify_batch(batch)
+                    took = (time.perf_counter() - began) / len(rows)
+                    for i, reply in zip(rows, replies):
+                        times[i].add(tier, took)
+                        advance(i, reply)
+        finally:
+            for g in generations:
+                self.release(g.generation_id)
+        return [GenerationResult(token_ids=list(g.output_ids), text=self.decode(g.output_ids),
+                                 finish_reason=g.finish_reason, prompt_tokens=len(p), stats=g.stats, times=t,
+                                 elapsed=e)
+                for g, p, t, e in zip(generations, prompts, times, elapsed)]
 
     def release(self, generation_id: str) -> None:
         for tier in (self.drafter, self.slim, self.full):

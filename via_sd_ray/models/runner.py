@@ -26,8 +26,9 @@ import torch
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
 from via_sd_ray.core.sampling import generator, sample, suppress, token_logprobs, warp
 from via_sd_ray.core.verify import Verdict, verify
+from via_sd_ray.errors import Overloaded
 from via_sd_ray.models.decoder import DecoderStack
-from via_sd_ray.models.kv_cache import KVCache
+from via_sd_ray.models.kv_cache import KVCache, KVPool
 
 
 @dataclass
@@ -35,27 +36,64 @@ class RunnerStats:
     calls: int = 0
     forward_tokens: int = 0  # tokens run through the stack (catch-up + block)
     cache_hits: int = 0  # calls that found this generation's cache
-    cache_misses: int = 0  # calls that started a cache: a new generation here, or one evicted / lost
-    evictions: int = 0
+    cache_misses: int = 0  # calls that started a cache: a new generation here, or one lost (moved, expired)
+    prefix_hits: int = 0  # new caches that started from a cached prefix
+    prefix_tokens: int = 0  # tokens those prefixes held (prefill they saved)
+    prefill_chunks: int = 0  # chunks of a long catch-up run ahead of its call (chunked prefill)
+    preemptions: int = 0  # calls of a running generation whose cache was gone (expired while it ran)
+    refused: int = 0  # new generations refused a slot: every slot held by a running generation
+
+
+class Pending:
+    """The result of a call whose catch-up runs on in later passes (chunked prefill): run it again."""
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = Pending()
 
 
 class TierRunner:
-    def __init__(self, stack: DecoderStack, max_cache_bytes: int | None = None, name: str = "tier"):
+    def __init__(self, stack: DecoderStack, pool: KVPool | None = None, name: str = "tier",
+                 prefill_chunk: int | None = None, prefix_min_tokens: int | None = 16):
+        """``pool``: the slots caches live in (None: each cache owns storage that grows; nothing is kept
+        after a release). ``prefill_chunk``: most catch-up tokens of one call in one pass (None: all).
+        ``prefix_min_tokens``: shortest cached prefix a new generation copies (None: never copy; a
+        finished generation's own slot is still taken over)."""
         self.stack = stack
         self.name = name
-        self.max_cache_bytes = max_cache_bytes
-        self.caches: OrderedDict[str, KVCache] = OrderedDict()
-        self.last_used: dict[str, float] = {}  # monotonic time of each cache's last call
+        self.pool = pool
+        self.prefill_chunk = prefill_chunk
+        self.prefix_min_tokens = None if getattr(stack, "mirrored", False) else prefix_min_tokens
+        self.caches: dict[str, KVCache] = {}  # running generations
+        self.last_used: dict[str, float] = {}  # monotonic time of each running cache's last call
+        self.slot_of: dict[str, int] = {}  # running generation -> its pool slot
+        self.finished: OrderedDict[int, KVCache] = OrderedDict()  # slot -> a finished cache kept as prefix, LRU
+        self.free: list[int] = list(range(pool.slots - 1, -1, -1)) if pool is not None else []
+        self.reserved: set[str] = set()  # admitted generations whose first call has not run yet
+        self.started: set[str] = set()  # generations that hold or held a cache here and were not released
         self.stats = RunnerStats()
         self._lock = threading.Lock()  # calls of one runner run one at a time
+        self._slots = threading.Lock()  # slot bookkeeping (admission runs off the batch thread)
 
     @property
     def max_context(self) -> int:
-        return self.stack.max_context
+        limit = self.stack.max_context
+        return limit if self.pool is None else min(limit, self.pool.slot_tokens)
 
     @property
     def cache_bytes(self) -> int:
-        return sum(c.nbytes for c in self.caches.values())
+        if self.pool is not None:
+            return self.pool.nbytes
+        return sum(c.nbytes for c in list(self.caches.values()))
+
+    def slot_counts(self) -> dict[str, int]:
+        """Pool slots held by running generations, kept as finished prefixes, and free."""
+        with self._slots:
+            total = self.pool.slots if self.pool is not None else 0
+            return {"slots": total, "slots_used": len(self.slot_of) + len(self.reserved),
+                    "slots_prefix": len(self.finished), "slots_free": len(self.free)}
 
     def check_health(self) -> None:
         """Raise if the stack cannot run any more (a tensor-parallel rank of it is gone)."""
@@ -63,22 +101,95 @@ class TierRunner:
         if check is not None:
             check()
 
+    # -- slots -------------------------------------------------------------------------------
+
+    def admit(self, generation_id: str) -> bool:
+        """Reserve a slot for the generation (if it holds none): False when every slot is held or reserved
+        by a running generation. Which slot it gets is decided by its first call (a finished one holding
+        its prefix, a free one, or the least recently used finished one). Without a pool: True."""
+        if self.pool is None:
+            return True
+        with self._slots:
+            if generation_id in self.slot_of or generation_id in self.reserved:
+                return True
+            if len(self.slot_of) + len(self.reserved) >= self.pool.slots:
+                return False
+            self.reserved.add(generation_id)
+            return True
+
     def release(self, generation_id: str) -> None:
-        """Drop the generation's cache (it finished or was cancelled)."""
-        with self._lock:
-            self.caches.pop(generation_id, None)
-            self.last_used.pop(generation_id, None)
+        """The generation finished or was cancelled: its slot's cache stays as a reusable prefix."""
+        with self._slots:
+            self._retire(generation_id)
+            self.started.discard(generation_id)
 
     def expire(self, idle_seconds: float) -> int:
-        """Drop caches unused for ``idle_seconds`` (a generation that moved to another replica, or whose
+        """Retire caches unused for ``idle_seconds`` (a generation that moved to another replica, or whose
         release never arrived); returns how many."""
-        with self._lock:
+        with self._slots:
             now = time.monotonic()
-            stale = [g for g, t in self.last_used.items() if now - t > idle_seconds]
+            stale = [g for g, t in list(self.last_used.items()) if now - t > idle_seconds]
             for generation_id in stale:
-                self.caches.pop(generation_id, None)
-                del self.last_used[generation_id]
+                self._retire(generation_id)
             return len(stale)
+
+    def clear_prefixes(self) -> None:
+        """Forget every finished generation's cached prefix (their slots become free)."""
+        with self._slots:
+            self.free.extend(self.finished)
+            self.finished.clear()
+
+    def _retire(self, generation_id: str) -> None:
+        self.reserved.discard(generation_id)
+        cache = self.caches.pop(generation_id, None)
+        self.last_used.pop(generation_id, None)
+        slot = self.slot_of.pop(generation_id, None)
+        if slot is None:
+            return
+        if cache is not None and len(cache):
+            self.finished[slot] = cache
+        else:
+            self.free.append(slot)
+
+    def _cache_for(self, generation_id: str, committed: list[int]) -> KVCache:
+        """A new cache for the generation: its slot's (admitted now if it was not), starting from the best
+        cached prefix of ``committed``: a finished generation's slot is taken over as it is, a running
+        one's prefix is copied."""
+        if self.pool is None:
+            return self.stack.new_cache(capacity=max(256, len(committed) + 64))
+        if not self.admit(generation_id):
+            self.stats.refused += 1
+            raise Overloaded(f"{self.name} tier: all {self.pool.slots} KV slots are held by running generations; "
+                             "retry later")
+        with self._slots:
+            self.reserved.discard(generation_id)
+            limit = len(committed) - 1  # the last committed token runs again: its logits are needed
+            best, best_len = None, 0
+            for candidate in [*self.finished.items(), *((self.slot_of[g], c) for g, c in self.caches.items())]:
+                n = min(candidate[1].common_prefix(committed), limit)
+                if n > best_len:
+                    best, best_len = candidate, n
+            if best is not None and best[0] in self.finished:  # take the finished slot over as it is
+                slot, cache = best
+                del self.finished[slot]
+                self.slot_of[generation_id] = slot
+                cache.crop(best_len)
+                self._count_prefix(best_len)
+                return cache
+            slot = self.free.pop() if self.free else self.finished.popitem(last=False)[0]
+            self.slot_of[generation_id] = slot
+            cache = self.stack.pool_cache(self.pool, slot)
+            if best is not None and self.prefix_min_tokens is not None and best_len >= self.prefix_min_tokens:
+                cache.copy_prefix(best[1], best_len)  # a running generation's prefix
+                self._count_prefix(best_len)
+            return cache
+
+    def _count_prefix(self, tokens: int) -> None:
+        if tokens:
+            self.stats.prefix_hits += 1
+            self.stats.prefix_tokens += tokens
+
+    # -- calls -------------------------------------------------------------------------------
 
     def draft(self, call: DraftCall) -> Draft:
         return self.draft_batch([call])[0]
@@ -86,27 +197,44 @@ class TierRunner:
     def verify(self, call: VerifyCall) -> Verdict:
         return self.verify_batch([call])[0]
 
-    def draft_batch(self, calls: list[DraftCall]) -> list[Draft]:
-        """Draft for several generations, one forward pass per draft position for all of them."""
-        with self._lock:
-            return _by_unique_generation(calls, self._draft_batch)
+    def draft_batch(self, calls: list[DraftCall], partial: bool = False) -> list[Draft | Pending]:
+        """Draft for several generations, one forward pass per draft position for all of them.
+        ``partial``: a call whose catch-up is longer than ``prefill_chunk`` gets ``PENDING`` after one
+        chunk (the caller runs it again with later batches); otherwise every call is run to its end."""
+        return self._run(calls, self._draft_batch, partial)
 
-    def verify_batch(self, calls: list[VerifyCall]) -> list[Verdict]:
-        """Verify the blocks of several generations in one forward pass."""
-        with self._lock:
-            return _by_unique_generation(calls, self._verify_batch)
+    def verify_batch(self, calls: list[VerifyCall], partial: bool = False) -> list[Verdict | Pending]:
+        """Verify the blocks of several generations in one forward pass (``partial``: see ``draft_batch``)."""
+        return self._run(calls, self._verify_batch, partial)
 
-    def _draft_batch(self, calls: list[DraftCall]) -> list[Draft]:
+    def _run(self, calls: list, run, partial: bool) -> list:
+        with self._lock:
+            results = _by_unique_generation(calls, run)
+            while not partial and any(r is PENDING for r in results):
+                again = [i for i, r in enumerate(results) if r is PENDING]
+                for i, result in zip(again, _by_unique_generation([calls[i] for i in again], run)):
+                    results[i] = result
+            return results
+
+    def _chunked(self, missing: list[int], tail: int) -> bool:
+        """Whether a call's catch-up (``missing``, before ``tail`` block tokens) runs a chunk ahead of it."""
+        return self.prefill_chunk is not None and len(missing) + tail > self.prefill_chunk and len(missing) > 1
+
+    def _draft_batch(self, calls: list[DraftCall]) -> list[Draft | Pending]:
         synced = [self._sync(c.generation_id, c.committed) for c in calls]
+        chunked = [self._chunked(missing, 0) for _, missing in synced]
         caches = [cache for cache, _ in synced]
-        logits = self._forward_batch([missing for _, missing in synced], caches, [1] * len(calls))
+        rows = [missing[: self.prefill_chunk] if chunk else missing for (_, missing), chunk in zip(synced, chunked)]
+        logits = self._forward_batch(rows, caches, [0 if chunk else 1 for chunk in chunked])
+        self.stats.prefill_chunks += sum(chunked)
         gens = [None if c.params.greedy else generator(c.seed) for c in calls]
         tokens: list[list[int]] = [[] for _ in calls]
         token_probs: list[list[float]] = [[] for _ in calls]
-        rows: list[list[torch.Tensor]] = [[] for _ in calls]
+        dists: list[list[torch.Tensor]] = [[] for _ in calls]
         logprobs: list[list] = [[] for _ in calls]
-        active = list(range(len(calls)))
-        while True:
+        active = [i for i in range(len(calls)) if not chunked[i]]
+        logits = [logits[i] for i in active]
+        while active:
             going = []
             for i, row_logits in zip(active, logits):
                 call = calls[i]
@@ -118,7 +246,7 @@ class TierRunner:
                 if call.params.logprobs is not None:
                     logprobs[i] += token_logprobs(row_logits, [token], call.params.logprobs)
                 if gens[i] is not None:
-                    rows[i].append(probs)
+                    dists[i].append(probs)
                 if len(tokens[i]) < calls[i].k and token_probs[i][-1] >= calls[i].stop_threshold:
                     going.append(i)
             if not going:
@@ -126,17 +254,25 @@ class TierRunner:
             logits = self._forward_batch([[tokens[i][-1]] for i in going], [caches[i] for i in going],
                                          [1] * len(going))
             active = going
-        return [Draft(tokens[i], token_probs[i], torch.stack(rows[i]) if rows[i] else None,  # [k, V]
+        return [PENDING if chunked[i] else
+                Draft(tokens[i], token_probs[i], torch.stack(dists[i]) if dists[i] else None,  # [k, V]
                       logprobs[i] if calls[i].params.logprobs is not None else None)
                 for i in range(len(calls))]
 
-    def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict]:
+    def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict | Pending]:
         synced = [self._sync(c.generation_id, c.committed) for c in calls]
         blocks = [list(c.block) for c in calls]
-        logits = self._forward_batch([missing + block for (_, missing), block in zip(synced, blocks)],
-                                     [cache for cache, _ in synced], [len(b) + 1 for b in blocks])
-        verdicts = []
-        for call, (cache, _), block, row_logits in zip(calls, synced, blocks, logits):  # row_logits: [K + 1, V]
+        chunked = [self._chunked(missing, len(block)) for (_, missing), block in zip(synced, blocks)]
+        rows = [missing[: self.prefill_chunk] if chunk else missing + block
+                for (_, missing), block, chunk in zip(synced, blocks, chunked)]
+        logits = self._forward_batch(rows, [cache for cache, _ in synced],
+                                     [0 if chunk else len(b) + 1 for b, chunk in zip(blocks, chunked)])
+        self.stats.prefill_chunks += sum(chunked)
+        verdicts: list[Verdict | Pending] = []
+        for call, (cache, _), block, row_logits, chunk in zip(calls, synced, blocks, logits, chunked):
+            if chunk:  # row_logits: [K + 1, V]
+                verdicts.append(PENDING)
+                continue
             gen = None if call.params.greedy else generator(call.seed)
             verdict = verify(block, row_logits, call.params, call.draft_probs, gen, call.return_probs,
                              call.suppress_ids, call.suppress_rows)
@@ -155,29 +291,18 @@ class TierRunner:
         self.stats.calls += 1
         cache = self.caches.get(generation_id)
         if cache is None:
-            cache = self.stack.new_cache(capacity=max(256, len(committed) + 64))
+            if generation_id in self.started:
+                self.stats.preemptions += 1
+            cache = self._cache_for(generation_id, committed)
             self.caches[generation_id] = cache
+            self.started.add(generation_id)
             self.stats.cache_misses += 1
         else:
             self.stats.cache_hits += 1
-        self.caches.move_to_end(generation_id)
         self.last_used[generation_id] = time.monotonic()
         keep = min(cache.common_prefix(committed), len(committed) - 1)
         cache.crop(keep)
-        self._evict(protect=generation_id)
         return cache, list(committed[keep:])
-
-    def _evict(self, protect: str) -> None:
-        if self.max_cache_bytes is None:
-            return
-        while self.cache_bytes > self.max_cache_bytes and len(self.caches) > 1:
-            victim = next(iter(self.caches))
-            if victim == protect:
-                self.caches.move_to_end(victim)
-                victim = next(iter(self.caches))
-            del self.caches[victim]
-            self.last_used.pop(victim, None)
-            self.stats.evictions += 1
 
 
 def _by_unique_generation(calls: list, run) -> list:

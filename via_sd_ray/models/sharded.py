@@ -176,8 +176,14 @@ class ShardedStack:
         self.name = name
         self.group = group
 
+    mirrored = True  # every rank keeps a mirror of each cache: a prefix cannot be copied on rank 0 alone
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         return self.group.track(self.stack.new_cache(capacity))
+
+    def pool_cache(self, pool, slot: int) -> KVCache:
+        """A cache over a slot of rank 0's pool; the other ranks mirror it in caches of their own."""
+        return self.group.track(pool.cache(slot))
 
     def forward(self, token_ids: list[int], cache: KVCache, num_logits: int) -> torch.Tensor:
         return self.forward_batch([token_ids], [cache], [num_logits])[0]

@@ -7,18 +7,23 @@ verifier process reads only the slim layers from the checkpoint).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig, ModelConfig
+from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig, ModelConfig, ServingConfig
 from via_sd_ray.core.ngram import PromptLookupDrafter
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import ds_engine
 from via_sd_ray.models.decoder import DecoderStack
+from via_sd_ray.models.kv_cache import KVPool, bytes_per_token, free_device_bytes
 from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve
 from via_sd_ray.models.runner import TierRunner
 from via_sd_ray.models.sharded import ShardedStack, ShardGroup, ShardLauncher, ShardSpec
 
 TIERS = ("drafter", "slim", "full")
+DEFAULT_SLOT_TOKENS = 8192  # kv_slot_tokens when unset, unless the context window is shorter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,21 +126,41 @@ def build_drafter(config: EngineConfig, verifier_vocab: int) -> TierRunner | Pro
             f"models.drafter.source: expected a model with the verifier's vocabulary ({verifier_vocab} tokens), "
             f"received {cfg.source!r} with {vocab}"
         )
-    return TierRunner(DecoderStack(model), config.limits.max_cache_bytes, name="drafter")
+    return tier_runner(DecoderStack(model), config, "drafter")
+
+
+def kv_pool(stack: DecoderStack, serving: ServingConfig, budget: int | None = None) -> KVPool:
+    """The stack's KV pool: slots of ``serving.kv_slot_tokens`` tokens, as many as the byte budget holds
+    (``budget``, else ``serving.kv_cache_bytes``, else ``kv_cache_fraction`` of the device's free memory)."""
+    slot_tokens = min(serving.kv_slot_tokens or DEFAULT_SLOT_TOKENS, stack.max_context)
+    per_slot = bytes_per_token(len(stack.layer_ids), stack.num_kv_heads, stack.head_dim, stack.dtype) * slot_tokens
+    budget = budget or serving.kv_cache_bytes or int(serving.kv_cache_fraction * free_device_bytes(stack.device))
+    slots = min(budget // per_slot, serving.kv_max_slots)
+    if slots < 1:
+        raise ConfigError(f"serving.kv_cache_bytes: expected room for one KV slot of {slot_tokens} tokens "
+                          f"({per_slot} bytes; lower serving.kv_slot_tokens or raise the budget), received a "
+                          f"budget of {budget} bytes")
+    return stack.new_pool(slots, slot_tokens)
+
+
+def tier_runner(stack: DecoderStack, config: EngineConfig, name: str) -> TierRunner:
+    """A runner over ``stack`` with its KV pool, chunked prefill and prefix reuse as configured."""
+    serving = config.serving
+    pool = kv_pool(stack, serving, config.limits.max_cache_bytes)
+    log.info("%s tier: KV pool of %s on %s", name, pool.describe(), stack.device)
+    return TierRunner(stack, pool, name, serving.prefill_chunk_tokens, serving.prefix_min_tokens)
 
 
 def build_tier(config: EngineConfig, tier: str, launcher: ShardLauncher | None = None
                ) -> TierRunner | PromptLookupDrafter:
     """The runner of one tier, loading only what it needs (for a process that hosts only this tier).
     ``launcher`` starts a verifier tier's other tensor-parallel ranks (tensor_parallel_size > 1)."""
-    budget = config.limits.max_cache_bytes
     if tier == "drafter":
         return build_drafter(config, _vocab_size(config.models.verifier))
     if tier == "slim":
-        stack = verifier_stacks(config, {"slim": None}, config.slim.layers, launcher)["slim"]
-        return TierRunner(stack, budget, name="slim")
+        return tier_runner(verifier_stacks(config, {"slim": None}, config.slim.layers, launcher)["slim"], config, "slim")
     if tier == "full":
-        return TierRunner(verifier_stacks(config, {"full": None}, None, launcher)["full"], budget, name="full")
+        return tier_runner(verifier_stacks(config, {"full": None}, None, launcher)["full"], config, "full")
     raise ConfigError(f"tier: expected one of {TIERS}, received {tier!r}")
 
 
