@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from via_sd_ray.config import EngineConfig
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.runner import TierRunner
+from via_sd_ray.models.tiers import tier_runner
 from via_sd_ray.serving.tiers import TierServer
 
 TIERS = ("drafter", "slim", "full")
@@ -24,11 +25,10 @@ TIERS = ("drafter", "slim", "full")
 def fresh_runners(engine, config: EngineConfig | None = None) -> dict[str, TierRunner]:
     """New tier runners (empty caches) over the models a ``LocalEngine`` already loaded."""
     config = config or engine.config
-    budget = config.limits.max_cache_bytes
     return {
-        "drafter": TierRunner(DecoderStack(engine.drafter_model), budget, name="drafter"),
-        "slim": TierRunner(DecoderStack(engine.verifier_model, config.slim.layers), budget, name="slim"),
-        "full": TierRunner(DecoderStack(engine.verifier_model), budget, name="full"),
+        "drafter": tier_runner(DecoderStack(engine.drafter_model), config, "drafter"),
+        "slim": tier_runner(DecoderStack(engine.verifier_model, config.slim.layers), config, "slim"),
+        "full": tier_runner(DecoderStack(engine.verifier_model), config, "full"),
     }
 
 

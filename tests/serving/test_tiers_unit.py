@@ -35,17 +35,17 @@ class RecordingRunner:
         self.batch_sizes: list[int] = []
         self.fail: BaseException | None = None
 
-    def draft_batch(self, calls):
-        return self._run(self.runner.draft_batch, calls)
+    def draft_batch(self, calls, **options):
+        return self._run(self.runner.draft_batch, calls, options)
 
-    def verify_batch(self, calls):
-        return self._run(self.runner.verify_batch, calls)
+    def verify_batch(self, calls, **options):
+        return self._run(self.runner.verify_batch, calls, options)
 
-    def _run(self, method, calls):
+    def _run(self, method, calls, options):
         self.batch_sizes.append(len(calls))
         if self.fail is not None:
             raise self.fail
-        return method(calls)
+        return method(calls, **options)
 
     def __getattr__(self, name):  # caches, stats, release, expire, ...
         return getattr(self.runner, name)
@@ -168,12 +168,14 @@ def test_stats_fields(local_engine, build):
 
     stats = run(scenario())
     assert stats["tier"] == "full" and stats["replica"] == "local"
-    assert stats["caches"] == 3 and stats["cache_bytes"] == sum(c.nbytes for c in runner.caches.values()) > 0
+    assert stats["caches"] == 3 and stats["cache_bytes"] == runner.pool.nbytes > 0
+    assert stats["slots_used"] == 3 and stats["slots_free"] == stats["slots"] - 3 and stats["slots_prefix"] == 0
+    assert stats["kv_pool"].startswith(f"{runner.pool.slots} slots x ") and stats["admission_waiting"] == 0
     assert stats["queued"] == 0
     assert stats["batches"] == server.batcher.batches == len(runner.batch_sizes)
     assert stats["batched_calls"] == 4 and stats["busy_seconds"] > 0 and stats["uptime_s"] >= 0
     assert stats["calls"] == 4 and stats["cache_misses"] == 3 and stats["cache_hits"] == 1
-    assert stats["evictions"] == 0 and stats["forward_tokens"] > 0
+    assert stats["preemptions"] == 0 and stats["refused"] == 0 and stats["forward_tokens"] > 0
 
 
 @pytest.mark.parametrize(("tier", "deployment"), [("drafter", "Drafter"), ("slim", "SlimVerifier"),

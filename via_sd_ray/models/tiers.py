@@ -158,7 +158,8 @@ def build_tier(config: EngineConfig, tier: str, launcher: ShardLauncher | None =
     if tier == "drafter":
         return build_drafter(config, _vocab_size(config.models.verifier))
     if tier == "slim":
-        return tier_runner(verifier_stacks(config, {"slim": None}, config.slim.layers, launcher)["slim"], config, "slim")
+        stack = verifier_stacks(config, {"slim": None}, config.slim.layers, launcher)["slim"]
+        return tier_runner(stack, config, "slim")
     if tier == "full":
         return tier_runner(verifier_stacks(config, {"full": None}, None, launcher)["full"], config, "full")
     raise ConfigError(f"tier: expected one of {TIERS}, received {tier!r}")

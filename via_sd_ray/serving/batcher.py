@@ -6,7 +6,9 @@ batching delay. When more generations are active than calls are queued (``expect
 the batch waits for the others, at most half a typical batch time (and ``max_wait_s``):
 generations whose calls came back together answer a moment apart, and starting on the
 first ones alone would split every later round into groups that stay out of phase; on a
-compute-bound tier, one batch of 8 costs little more than one of 2.
+compute-bound tier, one batch of 8 costs little more than one of 2. A call that is not done
+after its batch (a long prompt prefilled chunk by chunk) goes back to the front of the queue,
+so each chunk runs beside the other generations' steps instead of stalling them.
 The batch function runs on one worker thread, off the event loop.
 """
 
@@ -19,8 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 class MicroBatcher:
     def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 8, name: str = "batch",
-                 threads: int | None = None, expected: Callable[[], int] | None = None, max_wait_s: float = 0.0):
+                 threads: int | None = None, expected: Callable[[], int] | None = None, max_wait_s: float = 0.0,
+                 again: Callable[[object], bool] | None = None):
+        """``again``: whether a result means "not done" (a prefill chunk ran): the call then goes back to
+        the front of the queue and runs again in the next batch, beside whatever else has arrived."""
         self.run_batch = run_batch
+        self.again = again
         self.max_batch_size = max_batch_size
         self.expected = expected
         self.max_wait_s = max_wait_s
@@ -71,9 +77,13 @@ class MicroBatcher:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} calls")
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
+                requeue = []
+                for entry, result in zip(batch, results):
+                    if self.again is not None and self.again(result):
+                        requeue.append(entry)
+                    elif not entry[1].done():
+                        entry[1].set_result(result)
+                self._queue[:0] = requeue
             except BaseException as err:  # the whole batch failed (or the worker was cancelled): tell every caller
                 for _, future in batch:
                     if not future.done():

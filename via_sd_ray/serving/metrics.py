@@ -3,12 +3,13 @@
 Router side: blocks per tier, proposed / accepted / committed tokens, acceptance per
 block position (``via_sd_position_accepted_total / via_sd_position_proposed_total``),
 escalations, tier retries, tokens/s per generation. Tier side: call latency, batch
-size, KV-cache hits and rebuilds.
+size, KV-cache hits and rebuilds, KV slots (used / prefix / free / waiting),
+refusals, preemptions and prefix tokens reused.
 """
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 
@@ -21,6 +22,23 @@ class TierMetrics:
                                boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("tier",))
         self.cache = Counter("via_sd_cache_events_total", "KV-cache hits and rebuilds (a call that found no "
                              "cache for its generation) per tier.", tag_keys=("tier", "event"))
+
+        self.slots = Gauge("via_sd_kv_slots", "KV pool slots of the replica: used (running or admitted "
+                           "generations), prefix (finished, kept for reuse), free; and waiting (generations queued "
+                           "for a slot).", tag_keys=("tier", "state"))
+        self.slot_events = Counter("via_sd_kv_slot_events_total", "Admission and KV events per tier: refused (429), "
+                                   "preemption (a running generation's cache lost; stays 0), prefix_tokens (prefill "
+                                   "saved by prefix reuse).", tag_keys=("tier", "event"))
+
+    def set_slots(self, tier: str, counts: dict[str, int], waiting: int) -> None:
+        for state in ("used", "prefix", "free"):
+            self.slots.set(counts.get(f"slots_{state}", 0), tags={"tier": tier, "state": state})
+        self.slots.set(waiting, tags={"tier": tier, "state": "waiting"})
+
+    def count_slot_events(self, tier: str, events: dict[str, int]) -> None:
+        for event, n in events.items():
+            if n:
+                self.slot_events.inc(n, tags={"tier": tier, "event": event})
 
     def observe_call(self, tier: str, seconds: float) -> None:
         self.latency.observe(seconds * 1000, tags={"tier": tier})

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import os
 import time
 import uuid
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ from via_sd_ray.core.policy import Mode, load_block_cap
 from via_sd_ray.core.sampling import MAX_LOGPROBS, SamplingParams
 from via_sd_ray.errors import ConfigError, InvalidRequest, TierUnavailable, ViaSDError, check_range
 from via_sd_ray.models.detok import IncrementalText
+from via_sd_ray.models.tiers import DEFAULT_SLOT_TOKENS
 
 
 @dataclass
@@ -78,13 +81,15 @@ class GenerateRequest:
 
 
 class TierClient:
-    """Calls one tier deployment through a Ray Serve handle, with session affinity on the generation."""
+    """Calls one tier deployment through a Ray Serve handle, with session affinity on the generation's
+    routing key (``route``: its prompt prefix hash or its id, see ``GenerationRouter.route_key``)."""
 
-    def __init__(self, handle, tier: str, affinity: bool = True):
+    def __init__(self, handle, tier: str, affinity: bool = True, route=None):
         self.handle, self.tier, self.affinity = handle, tier, affinity
+        self.route = route or (lambda generation_id: generation_id)
 
     def _for(self, generation_id: str):
-        return self.handle.options(session_id=generation_id) if self.affinity else self.handle
+        return self.handle.options(session_id=self.route(generation_id)) if self.affinity else self.handle
 
     async def draft(self, call: DraftCall):
         return await self._for(call.generation_id).draft.remote(call)
@@ -108,9 +113,15 @@ class GenerationRouter:
 
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
         affinity = self.config.serving.affinity
-        self.tiers = {name: (h if not _is_handle(h) else TierClient(h, name, affinity))
+        self.routes: dict[str, str] = {}  # generation id -> its routing key, while it runs
+        self.tiers = {name: (h if not _is_handle(h) else TierClient(h, name, affinity, self._route))
                       for name, h in (("drafter", drafter), ("slim", slim), ("full", full))}
         self.text = text if text is not None else text_info(self.config)
+        # the longest sequence served: the context window, or a tier's KV slot if that is shorter
+        slot = self.config.serving.kv_slot_tokens or DEFAULT_SLOT_TOKENS
+        self.max_context = min(self.text.max_context, slot)
+        self.context_name = ("the context window" if self.max_context == self.text.max_context
+                             else "the KV slot, serving.kv_slot_tokens")
         self.metrics = metrics if metrics is not None else _default_metrics()
         self.active: set[str] = set()
 
@@ -140,8 +151,8 @@ class GenerationRouter:
                 raise InvalidRequest(f"prompt_token_ids: expected a non-empty list of token ids in [0, {vocab})")
         if not ids:
             raise InvalidRequest("prompt: expected at least one token, received a prompt that encodes to none")
-        if len(ids) >= self.text.max_context:
-            raise InvalidRequest(f"prompt: expected fewer than {self.text.max_context} tokens (the context window), "
+        if len(ids) >= self.max_context:
+            raise InvalidRequest(f"prompt: expected fewer than {self.max_context} tokens ({self.context_name}), "
                                  f"received {len(ids)}")
         return ids
 
@@ -149,7 +160,7 @@ class GenerationRouter:
         limits = self.config.limits
         max_tokens = request.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, min(limits.default_max_tokens, self.text.max_context - prompt_tokens))
+            max_tokens = max(1, min(limits.default_max_tokens, self.max_context - prompt_tokens))
         elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
             raise InvalidRequest(f"max_tokens: expected a value in [1, {limits.max_tokens}], received {max_tokens}")
         vocab = len(self.text.tokenizer)
@@ -184,13 +195,14 @@ class GenerationRouter:
         # unique even when a client reuses a request id: tiers key caches (and releases) by it
         generation_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         serving = self.config.serving
-        generation = Generation(prompt_ids, params, policy, self.text.eos_token_ids, self.text.max_context,
+        generation = Generation(prompt_ids, params, policy, self.text.eos_token_ids, self.max_context,
                                 self.text.decode, generation_id=generation_id,
                                 block_cap=lambda: load_block_cap(len(self.active), serving.verify_token_budget,
                                                                  serving.min_block))
         detok = IncrementalText(self.text.decode, params.stop)
         start = time.perf_counter()
         self.active.add(generation.generation_id)
+        self.routes[generation_id] = self.route_key(generation_id, prompt_ids)
         try:
             steps, reply = generation.steps(), None
             while True:
@@ -211,6 +223,18 @@ class GenerationRouter:
         finally:
             self.active.discard(generation.generation_id)
             self._release(generation.generation_id)
+
+    def route_key(self, generation_id: str, prompt_ids: list[int]) -> str:
+        """The session key a generation's tier calls are routed by: a hash of its first
+        ``serving.prefix_affinity_tokens`` prompt tokens, so generations sharing them land on the replica
+        holding their cached prefix (consistent hashing; a full replica passes them on), else its id."""
+        n = self.config.serving.prefix_affinity_tokens
+        if n is None or len(prompt_ids) < n:
+            return generation_id
+        return "prefix-" + hashlib.blake2b(array("q", prompt_ids[:n]).tobytes(), digest_size=12).hexdigest()
+
+    def _route(self, generation_id: str) -> str:
+        return self.routes.get(generation_id, generation_id)
 
     def _event(self, generation: Generation, detok: IncrementalText, commit: Commit, start: float,
                prompt_tokens: int) -> dict[str, Any]:
@@ -272,12 +296,16 @@ class GenerationRouter:
 
         The release calls run in a fresh context: created in the request's own, Serve would treat
         them as its child requests and cancel them with it when the client disconnects."""
-        for client in self.tiers.values():
+        async def release_all() -> None:
             try:
-                asyncio.get_running_loop().create_task(_quietly(client.release(generation_id)),
-                                                       context=contextvars.Context())
-            except RuntimeError:  # no running loop (interpreter shutting down)
-                pass
+                await asyncio.gather(*(_quietly(client.release(generation_id)) for client in self.tiers.values()))
+            finally:
+                self.routes.pop(generation_id, None)  # the releases were routed by it
+
+        try:
+            asyncio.get_running_loop().create_task(release_all(), context=contextvars.Context())
+        except RuntimeError:  # no running loop (interpreter shutting down)
+            self.routes.pop(generation_id, None)
 
     async def check_health(self) -> None:
         return None

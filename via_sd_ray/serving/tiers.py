@@ -1,8 +1,10 @@
 """The tier deployments: ``Drafter``, ``SlimVerifier`` and ``FullVerifier``.
 
-Each replica hosts one tier runner (models floor) and keeps the KV caches of the
-generations it serves, keyed by generation id, within the configured memory budget
-(LRU eviction) and released when a generation ends or is cancelled. Concurrent calls of
+Each replica hosts one tier runner (models floor) and its KV pool, allocated at start: one
+slot per generation it serves, keyed by generation id. A new generation is admitted when a
+slot is free (or held by a finished generation, kept as a reusable prefix); otherwise it waits
+in a bounded queue and is refused with 429 / RESOURCE_EXHAUSTED. Running generations are never
+evicted. Concurrent calls of
 different generations are micro-batched into one forward pass. Every call carries the
 generation's committed tokens, so a replica without the cache (new replica, eviction,
 failover) rebuilds it from token ids and continues.
@@ -29,6 +31,8 @@ from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
 from via_sd_ray.core.policy import Tier
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.verify import Verdict
+from via_sd_ray.errors import Overloaded
+from via_sd_ray.models.runner import Pending
 from via_sd_ray.serving.batcher import MicroBatcher
 
 DEPLOYMENT_OF_TIER = {"drafter": "Drafter", "slim": "SlimVerifier", "full": "FullVerifier"}
@@ -52,7 +56,8 @@ class TierServer:
         self.metrics = metrics if metrics is not None else _default_metrics(tier)
         self.batcher = MicroBatcher(self._run_batch, self.config.serving.batch_size, name=tier,
                                     threads=self.config.threads, expected=self._active_generations,
-                                    max_wait_s=self.config.serving.batch_wait_ms / 1000)
+                                    max_wait_s=self.config.serving.batch_wait_ms / 1000,
+                                    again=lambda result: isinstance(result, Pending))
         self.started = time.monotonic()
         self.failed: str | None = None  # set when the runner raised: the health check reports it
         self._sweeper: asyncio.Task | None = None
@@ -62,6 +67,14 @@ class TierServer:
         # arriving after its release) must not leave a cache behind
         self._released: dict[str, float] = {}
         self.warm_up_s: float | None = None  # how long the warm-up call took; None: none ran
+        self.admission_waiting = 0  # new generations waiting for a KV slot
+        self._slot_freed: asyncio.Condition | None = None
+        self._reported: dict[str, int] = {}  # slot event counters as last exported
+        pool = getattr(self.runner, "pool", None)
+        if pool is not None:
+            import logging
+
+            logging.getLogger(__name__).info("%s tier: KV pool of %s", tier, pool.describe())
         if warm_up if warm_up is not None else runner is None:
             self._warm_up()
 
@@ -107,16 +120,70 @@ class TierServer:
         calls still in a batch."""
         self._released[generation_id] = time.monotonic()
         self.runner.release(generation_id)
+        await self._notify_slot_freed()
+
+    async def _notify_slot_freed(self) -> None:
+        if self._slot_freed is not None:
+            async with self._slot_freed:
+                self._slot_freed.notify_all()
+
+    async def _admit(self, generation_id: str) -> None:
+        """Wait (bounded) until the generation holds or has reserved a KV slot; refuse it with ``Overloaded``
+        (429 / RESOURCE_EXHAUSTED, Retry-After) when the wait queue is full or the wait times out.
+        Running generations are never evicted to make room."""
+        admit = getattr(self.runner, "admit", None)
+        if admit is None or admit(generation_id):
+            return
+        serving = self.config.serving
+        slots = self.runner.pool.slots
+        if self.admission_waiting >= serving.admission_queue:
+            self.runner.stats.refused += 1
+            raise Overloaded(f"{self.tier} tier: all {slots} KV slots are in use and {self.admission_waiting} "
+                             "generations wait for one; retry later")
+        if self._slot_freed is None:
+            self._slot_freed = asyncio.Condition()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + serving.admission_timeout_s
+        self.admission_waiting += 1
+        try:
+            async with self._slot_freed:
+                while not admit(generation_id):
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        self.runner.stats.refused += 1
+                        raise Overloaded(f"{self.tier} tier: all {slots} KV slots stayed in use for "
+                                         f"{serving.admission_timeout_s:g} s (serving.admission_timeout_s); "
+                                         "retry later")
+                    try:
+                        await asyncio.wait_for(self._slot_freed.wait(), remaining)
+                    except TimeoutError:
+                        pass
+        finally:
+            self.admission_waiting -= 1
 
     async def _call(self, call):
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         start = time.perf_counter()
         try:
+            await self._admit(call.generation_id)
             return await self.batcher.submit(call)
         finally:
+            if call.generation_id in self._released:  # released while queued: its slot freed after the batch
+                await self._notify_slot_freed()
             if self.metrics:
                 self.metrics.observe_call(self.tier, time.perf_counter() - start)
+                self._export_slots()
+
+    def _export_slots(self) -> None:
+        counts = getattr(self.runner, "slot_counts", None)
+        if counts is None:
+            return
+        self.metrics.set_slots(self.tier, counts(), self.admission_waiting)
+        stats = self.runner.stats
+        now = {"refused": stats.refused, "preemption": stats.preemptions, "prefix_tokens": stats.prefix_tokens}
+        self.metrics.count_slot_events(self.tier, {k: v - self._reported.get(k, 0) for k, v in now.items()})
+        self._reported = now
 
     async def _sweep(self) -> None:
         """Drop caches idle for longer than ``serving.cache_idle_timeout_s``."""
@@ -124,7 +191,8 @@ class TierServer:
         expire = getattr(self.runner, "expire", None)
         while expire is not None:
             await asyncio.sleep(min(idle / 2, 5.0))
-            expire(idle)
+            if expire(idle):
+                await self._notify_slot_freed()
             now = time.monotonic()
             for generation_id, when in list(self._released.items()):
                 if now - when > idle:
@@ -136,9 +204,10 @@ class TierServer:
         before = _cache_counters(self.runner)
         start, tokens_before = time.perf_counter(), _forward_tokens(self.runner)
         try:
+            partial = {"partial": True} if hasattr(self.runner, "admit") else {}
             if isinstance(calls[0], DraftCall):
-                return self.runner.draft_batch(calls)
-            return self.runner.verify_batch(calls)
+                return self.runner.draft_batch(calls, **partial)
+            return self.runner.verify_batch(calls, **partial)
         except Exception as err:
             if not isinstance(err, ValueError):  # a bad request is not a broken runner
                 self.failed = f"{type(err).__name__}: {err}"
@@ -176,13 +245,19 @@ class TierServer:
         """What this replica holds and has done (tests, debugging, autoscaling signals)."""
         caches = getattr(self.runner, "caches", {})
         runner_stats = getattr(self.runner, "stats", None)
+        pool = getattr(self.runner, "pool", None)
+        slots = self.runner.slot_counts() if hasattr(self.runner, "slot_counts") else {}
         return {
             "tier": self.tier,
             "replica": _replica_id(),
             "pid": os.getpid(),
             "node_id": _node_id(),
             "caches": len(caches),
-            "cache_bytes": sum(c.nbytes for c in caches.values()),
+            "cache_bytes": getattr(self.runner, "cache_bytes", 0),
+            "kv_pool": pool.describe() if pool is not None else None,
+            "slot_tokens": pool.slot_tokens if pool is not None else None,
+            **slots,
+            "admission_waiting": self.admission_waiting,
             "queued": self.batcher.queued,
             "batches": self.batcher.batches,
             "batched_calls": self.batcher.items,
