@@ -125,3 +125,21 @@ def test_models_list(capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "qwen2.5-coder-1.5b-instruct" in out and "smollm2-135m-instruct" in out
+
+
+def test_bench_batch_reports_concurrency_and_prefix_reuse(tmp_path, prompts_file, capsys):
+    out = tmp_path / "batch.json"
+    assert main(["bench-batch", "--config", TINY, "--num-prompts", "4", "--max-tokens", "10", "--modes", "ar,sd",
+                 "--concurrency", "1,4", "--prefix-tokens", "300", "--prompts", prompts_file,
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["schema"] == "via-sd-bench-batch/1" and "slots x" in record["kv_pools"]["full"]
+    for mode in ("ar", "sd"):
+        one, four = record["modes"][mode]
+        assert (one["concurrency"], four["concurrency"]) == (1, 4)
+        assert one["over_lowest"] == 1.0 and four["tokens_per_s"] > 0
+        assert four["identical_to_lowest"] == 4  # greedy: batching changes no token
+    ttft = record["prefix_ttft"]
+    assert ttft["prompt_tokens"] == 300 and 0 < ttft["repeat_s"] and ttft["first_s"] > 0
+    assert "tok/s" in capsys.readouterr().out
+    assert main(["bench-batch", "--config", TINY, "--concurrency", "0,x", "--prompts", prompts_file]) == 2

@@ -86,10 +86,11 @@ def best_policy(traces, costs, target, candidates, min_slim_share: float = 0.0,
 
 def pareto(points: list[Choice]) -> list[Choice]:
     """The points no other point beats on both predicted speedup and estimated prefix fraction,
-    fastest last (ascending speedup, descending fidelity)."""
+    fastest last (ascending speedup, descending fidelity). A point must be faster by more than the
+    profile's reported precision (3 decimals), so the written front stays strictly increasing."""
     front: list[Choice] = []
     for c in sorted(points, key=lambda c: (-c.result.prefix_fraction, -c.result.speedup)):
-        if not front or c.result.speedup > front[-1].result.speedup + 1e-9:
+        if not front or c.result.speedup > front[-1].result.speedup + 1e-3:
             front.append(c)
     return front
 

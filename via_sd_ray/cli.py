@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--check-code", action="store_true", help="run the packaged code set (raw completions "
                        "with unit tests; --num-prompts of its 24 problems) and report pass rates per mode")
 
+    bb = sub.add_parser("bench-batch", help="the in-process engine serving several generations at once")
+    _add_config(bb)
+    bb.add_argument("--num-prompts", type=int, default=8)
+    bb.add_argument("--max-tokens", type=int, default=64)
+    bb.add_argument("--modes", default="ar,sd,via-sd", help="comma list of ar, sd, via-sd, via-sd:PRESET")
+    bb.add_argument("--concurrency", default="1,8", help="comma list of generations run together")
+    bb.add_argument("--prefix-tokens", type=int, default=0, help="also time the first token of a prompt of "
+                    "this many tokens, sent twice (the second reuses the first's cached prefix)")
+    bb.add_argument("--split", default="bench", choices=["bench", "calibration"])
+    bb.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
+    bb.add_argument("--json", dest="json_out", default=None, help="write the machine-readable record here")
+
     bs = sub.add_parser("bench-serve", help="benchmark a running application over gRPC and HTTP")
     _add_config(bs)
     bs.add_argument("--http", default="http://127.0.0.1:8000")
@@ -115,6 +127,11 @@ def _run(args) -> int:
         from via_sd_ray.bench import run_bench
 
         run_bench(args)
+        return 0
+    if args.command == "bench-batch":
+        from via_sd_ray.bench_batch import run_bench_batch
+
+        run_bench_batch(args)
         return 0
     if args.command == "bench-serve":
         from via_sd_ray.serving.loadtest import run_serving_bench

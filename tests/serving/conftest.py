@@ -22,7 +22,9 @@ SERVING_ARGS = {
                "escalate_threshold": 0.6},
     "limits": {"max_tokens": 256, "default_max_tokens": 32},
     "threads": 1,
-    "serving": {"deployments": {name: {"ray_actor_options": {"num_cpus": 0.1}}
+    # KV pools of 8 slots per tier replica: the soak's 16 clients queue for them
+    "serving": {"kv_max_slots": 8,
+                "deployments": {name: {"ray_actor_options": {"num_cpus": 0.1}}
                                 for name in ("Ingress", "Router", "Drafter", "SlimVerifier", "FullVerifier")}},
 }
 

@@ -256,3 +256,90 @@ def test_prompt_lookup_drafter_behind_a_tier_server(local_engine):
     stats = server.stats()
     assert stats["caches"] == 0 and stats["cache_bytes"] == 0 and stats["batches"] == 1
     assert "calls" not in stats  # a model-free drafter keeps no runner statistics
+
+
+def slot_config(local_engine, **serving):
+    args = local_engine.config.model_dump(mode="json")
+    args["serving"] = {**args["serving"], "kv_max_slots": 2, **serving}
+    return parse_config({**args, "profile": None})
+
+
+def test_generations_over_the_slot_count_wait_for_a_slot_then_run(local_engine, build):
+    """2 slots, 5 generations at once: 2 run, 3 wait; each release lets one more in; none is evicted and
+    every verdict is the one it gets alone."""
+    server, runner, reference = build("full", slot_config(local_engine, admission_timeout_s=30))
+    calls = verify_calls(local_engine, 5)
+    expected = []
+    for call in calls:
+        expected.append(reference.verify(call))
+        reference.release(call.generation_id)
+    done: list[str] = []
+
+    async def one(call):
+        verdict = await server.verify(call)
+        done.append(call.generation_id)
+        await asyncio.sleep(0.05)  # holds its slot a moment, then finishes
+        await server.release(call.generation_id)
+        return verdict
+
+    async def scenario():
+        tasks = [asyncio.create_task(one(c)) for c in calls]
+        await asyncio.sleep(0.02)
+        while server.batcher.running or server.batcher.queued:
+            await asyncio.sleep(0.005)
+        waiting = server.admission_waiting  # the three that found no slot
+        return await asyncio.gather(*tasks), waiting
+
+    verdicts, waiting = run(scenario())
+    assert waiting == 3 and len(done) == 5
+    for got, want in zip(verdicts, expected):
+        assert_same_verdict(got, want)
+    stats = server.stats()
+    assert stats["slots_used"] == 0 and stats["refused"] == 0 and stats["preemptions"] == 0
+
+
+def test_a_generation_that_finds_no_slot_in_time_is_refused_with_429(local_engine, build):
+    from via_sd_ray.errors import Overloaded
+    from via_sd_ray.serving.ingress import status_of
+
+    server, runner, _ = build("full", slot_config(local_engine, admission_timeout_s=0.2, admission_queue=1))
+    calls = verify_calls(local_engine, 4)
+
+    async def scenario():
+        await asyncio.gather(*(server.verify(c) for c in calls[:2]))  # both slots held by running generations
+        outcomes = await asyncio.gather(server.verify(calls[2]), server.verify(calls[3]), return_exceptions=True)
+        held = sorted(runner.caches)
+        await server.release(calls[0].generation_id)
+        late = await server.verify(calls[3])  # a slot is free now
+        return outcomes, held, late
+
+    outcomes, held, late = run(scenario())
+    assert all(isinstance(o, Overloaded) for o in outcomes)
+    messages = sorted(o.message for o in outcomes)
+    assert "generations wait for one" in messages[0] and "stayed in use for 0.2 s" in messages[1]
+    assert status_of(outcomes[0])[:2] == (429, "RESOURCE_EXHAUSTED")
+    assert held == ["g0", "g1"] and late.accepted >= 0
+    assert server.stats()["refused"] == 2 and runner.stats.preemptions == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_other_generations(local_engine, build):
+    """A 900-token catch-up with 64-token chunks goes back to the queue after every chunk, so a short
+    generation's calls run in the batches between them instead of after the whole prefill."""
+    server, runner, reference = build("full", slot_config(local_engine, prefill_chunk_tokens=64, kv_max_slots=4))
+    long_ids = (local_engine.encode("def long_function(x):\n    return x\n") * 60)[:900]
+    long_call = VerifyCall(Tier.FULL, "long", long_ids, [65, 66], GREEDY, seed=1)
+    short = verify_calls(local_engine, 1)[0]
+
+    async def scenario():
+        task = asyncio.create_task(server.verify(long_call))
+        await asyncio.sleep(0)
+        short_verdict = await server.verify(short)
+        finished_first = not task.done()
+        return await task, short_verdict, finished_first
+
+    long_verdict, short_verdict, finished_first = run(scenario())
+    assert finished_first  # the short call did not wait for the whole prefill
+    assert_same_verdict(long_verdict, reference.verify(long_call))
+    assert_same_verdict(short_verdict, reference.verify(short))
+    assert runner.stats.prefill_chunks >= 900 // 64 - 1
+    assert max(runner.batch_sizes) >= 2  # a chunk shared a pass with the short generation

@@ -68,6 +68,7 @@ class TierServer:
         self._released: dict[str, float] = {}
         self.warm_up_s: float | None = None  # how long the warm-up call took; None: none ran
         self.admission_waiting = 0  # new generations waiting for a KV slot
+        self.admitted_after_wait = 0  # generations that got a slot after waiting for one
         self._slot_freed: asyncio.Condition | None = None
         self._reported: dict[str, int] = {}  # slot event counters as last exported
         pool = getattr(self.runner, "pool", None)
@@ -94,6 +95,9 @@ class TierServer:
             self.runner.verify_batch([VerifyCall(tier=Tier(self.tier), generation_id=generation_id, committed=[0],
                                                  block=[0], params=params, seed=0)])
         self.runner.release(generation_id)
+        clear = getattr(self.runner, "clear_prefixes", None)
+        if clear is not None:
+            clear()  # the warm-up's one token is no prefix worth a slot
         if counters is not None:
             vars(stats).update(counters)
         self.warm_up_s = time.perf_counter() - start
@@ -158,6 +162,7 @@ class TierServer:
                         await asyncio.wait_for(self._slot_freed.wait(), remaining)
                     except TimeoutError:
                         pass
+            self.admitted_after_wait += 1
         finally:
             self.admission_waiting -= 1
 
@@ -258,6 +263,7 @@ class TierServer:
             "slot_tokens": pool.slot_tokens if pool is not None else None,
             **slots,
             "admission_waiting": self.admission_waiting,
+            "admitted_after_wait": self.admitted_after_wait,
             "queued": self.batcher.queued,
             "batches": self.batcher.batches,
             "batched_calls": self.batcher.items,
