@@ -112,6 +112,7 @@ def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: 
         run.outputs.append(out[0, len(prompt_ids):].tolist())
         run.texts.append(engine.decode(run.outputs[-1]))  # stop strings: the code check cuts at them
         return
+    forget_prefixes(engine)  # every mode prefills its prompt: no mode reuses another's cached prompt
     result = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, stop=stop), policy_for(engine, mode))
     run.elapsed += result.elapsed
     run.outputs.append(result.token_ids)
@@ -120,6 +121,14 @@ def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: 
     for tier in run.tier_seconds:
         run.tier_seconds[tier] += result.times.seconds[tier]
         run.tier_calls[tier] += result.times.calls[tier]
+
+
+def forget_prefixes(engine: LocalEngine) -> None:
+    """Drop the cached prefixes of finished generations in every tier (runs stay comparable)."""
+    for runner in (engine.drafter, engine.slim, engine.full):
+        clear = getattr(runner, "clear_prefixes", None)
+        if clear is not None:
+            clear()
 
 
 def teacher_forced_hits(engine: LocalEngine, prompt_ids: list[int], output: list[int]) -> int:

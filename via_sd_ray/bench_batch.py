@@ -3,8 +3,10 @@
 For each mode and concurrency c, the prompts run in groups of c through
 ``LocalEngine.generate_batch`` (each tier's calls of a round in one batched pass over the KV
 pool, long prompts prefilled in chunks beside the others' steps); c = 1 is one generation at
-a time. Printed and written per mode: aggregate tokens/s per c, its ratio to c = 1, and
-whether every generation equals its c = 1 output (greedy). ``--prefix-tokens N`` also times the
+a time. Printed and written per mode: aggregate tokens/s per c and its ratio to c = 1; the
+mean time to first token (the prompts' prefill, which batching cannot shorten on a compute-bound
+device); decode tokens/s, the tokens after each generation's first over each group's time after
+its last first token, and its ratio; and whether every generation equals its c = 1 output (greedy). ``--prefix-tokens N`` also times the
 first token of a prompt of N tokens (a repeated long system prompt plus a short question), sent
 twice: the second finds the first's prefix in the pool and prefills only its tail.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from via_sd_ray.bench import cpu_name, policy_for
+from via_sd_ray.bench import cpu_name, forget_prefixes, policy_for
 from via_sd_ray.config import load_config
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.data import load_prompts
@@ -41,20 +43,26 @@ def _levels(spec: str) -> list[int]:
 
 def run_level(engine: LocalEngine, mode: str, prompt_ids: list[list[int]], max_tokens: int, c: int) -> dict:
     params, policy = SamplingParams(max_tokens=max_tokens), policy_for(engine, mode)
-    outputs, start = [], time.perf_counter()
+    forget_prefixes(engine)  # each level prefills its prompts (no level reuses another's)
+    outputs, ttfts, decode_s, start = [], [], 0.0, time.perf_counter()
     for i in range(0, len(prompt_ids), c):
-        outputs += [r.token_ids for r in engine.generate_batch(prompt_ids[i : i + c], params, policy)]
+        results = engine.generate_batch(prompt_ids[i : i + c], params, policy)
+        outputs += [r.token_ids for r in results]
+        ttfts += [r.first_token_s or 0.0 for r in results]
+        # the group's decode phase: from its last first token (every prefill done) to its end
+        decode_s += max(r.elapsed for r in results) - max(r.first_token_s or 0.0 for r in results)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o) for o in outputs)
+    decode_tokens = sum(max(len(o) - 1, 0) for o in outputs)
     return {"concurrency": c, "completion_tokens": tokens, "elapsed_s": elapsed,
-            "tokens_per_s": tokens / elapsed if elapsed else 0.0, "outputs": outputs}
+            "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+            "ttft_s_mean": sum(ttfts) / len(ttfts), "prompt_tokens": sum(len(p) for p in prompt_ids),
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0, "outputs": outputs}
 
 
 def prefix_ttft(engine: LocalEngine, tokens: int, question: str = "Summarise the rules above.") -> dict:
     """Time to the first token of a ``tokens``-token prompt, sent twice (pool prefixes cleared first)."""
-    for runner in (engine.drafter, engine.slim, engine.full):
-        if hasattr(runner, "clear_prefixes"):
-            runner.clear_prefixes()
+    forget_prefixes(engine)
     unit = engine.encode("Rule: every function must have a docstring, type hints and a unit test. ")
     system = (unit * (tokens // len(unit) + 1))[: tokens - len(engine.encode(question))]
     ids = system + engine.encode(question)
@@ -87,6 +95,8 @@ def run_bench_batch(args) -> dict:
         base = rows[0]
         for row in rows:
             row["over_lowest"] = row["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
+            row["decode_over_lowest"] = (row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                                         if base["decode_tokens_per_s"] else 0.0)
             row["identical_to_lowest"] = sum(a == b for a, b in zip(row["outputs"], base["outputs"]))
         summary[mode] = [{k: v for k, v in row.items() if k != "outputs"} for row in rows]
     record = {
@@ -101,10 +111,12 @@ def run_bench_batch(args) -> dict:
     }
     if args.prefix_tokens:
         record["prefix_ttft"] = prefix_ttft(engine, args.prefix_tokens)
-    print(f"{'mode':<10}{'c':>4}{'tok/s':>9}{'x c=' + str(levels[0]):>9}{'same':>7}")
+    low = "x c=" + str(levels[0])
+    print(f"{'mode':<10}{'c':>4}{'tok/s':>9}{low:>9}{'TTFT s':>9}{'decode':>9}{low:>9}{'same':>7}")
     for mode, rows in summary.items():
         for row in rows:
             print(f"{mode:<10}{row['concurrency']:>4}{row['tokens_per_s']:>9.2f}{row['over_lowest']:>9.2f}"
+                  f"{row['ttft_s_mean']:>9.1f}{row['decode_tokens_per_s']:>9.2f}{row['decode_over_lowest']:>9.2f}"
                   f"{row['identical_to_lowest']:>4}/{len(prompt_ids)}")
     if "prefix_ttft" in record:
         p = record["prefix_ttft"]

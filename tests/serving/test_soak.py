@@ -104,6 +104,8 @@ def test_soak_mixed_requests_leave_no_caches_and_flat_memory(cluster):
     assert outcomes.count("cancelled") > 10 and outcomes.count("ok") > REQUESTS // 2
     assert wait_until_nothing_is_held(limit_s=20) == {name: 0 for name in DEPLOYMENTS}
     after = stats()
+    print(f"outcomes: {sorted((o, outcomes.count(o)) for o in set(outcomes))}; waited for a slot: "
+          + ", ".join(f"{t} {after[t]['admitted_after_wait']}" for t in TIERS))
     for tier in TIERS:
         assert after[tier]["slots"] == 8 and after[tier]["preemptions"] == 0, after[tier]
     # 16 clients on 8 slots: generations did queue for a slot (the drafter and full verifier see them all)

@@ -47,6 +47,7 @@ class GenerationResult:
     stats: GenerationStats
     times: TierTimes
     elapsed: float
+    first_token_s: float | None = None  # from the start to the first committed token
 
     @property
     def tokens_per_second(self) -> float:
@@ -160,6 +161,7 @@ class LocalEngine:
         steps = [g.steps() for g in generations]
         times = [TierTimes() for _ in prompts]
         elapsed: list[float] = [0.0] * len(prompts)
+        first: list[float | None] = [None] * len(prompts)
         calls: dict[int, DraftCall | VerifyCall] = {}
         start = time.perf_counter()
 
@@ -171,6 +173,8 @@ class LocalEngine:
                     elapsed[i] = time.perf_counter() - start
                     return
                 if isinstance(item, Commit):
+                    if first[i] is None and item.tokens:
+                        first[i] = time.perf_counter() - start
                     reply = None
                     continue
                 calls[i] = item
@@ -197,8 +201,8 @@ class LocalEngine:
                 self.release(g.generation_id)
         return [GenerationResult(token_ids=list(g.output_ids), text=self.decode(g.output_ids),
                                  finish_reason=g.finish_reason, prompt_tokens=len(p), stats=g.stats, times=t,
-                                 elapsed=e)
-                for g, p, t, e in zip(generations, prompts, times, elapsed)]
+                                 elapsed=e, first_token_s=f)
+                for g, p, t, e, f in zip(generations, prompts, times, elapsed, first)]
 
     def release(self, generation_id: str) -> None:
         for tier in (self.drafter, self.slim, self.full):

@@ -161,7 +161,9 @@ def run_serving_bench(args) -> dict:
         k: [round(s.tokens / s.elapsed, 3) for s in v] for k, v in single.items()}
     sweep = {}
     for c in levels:
-        work = [prompts[i % len(prompts)] for i in range(max(len(prompts), 2 * c))]
+        # a tag per level and request ahead of each prompt: no level finds the prompts of an earlier one in the
+        # tiers' prefix caches (the chat template's shared system prompt is still reused, as in real traffic)
+        work = [f"(request {c}.{i}) {prompts[i % len(prompts)]}" for i in range(max(len(prompts), 2 * c))]
         lock, samples = threading.Lock(), []
 
         def one(prompt):
