@@ -6,7 +6,8 @@ pool, long prompts prefilled in chunks beside the others' steps); c = 1 is one g
 a time. Printed and written per mode: aggregate tokens/s per c and its ratio to c = 1; the
 mean time to first token (the prompts' prefill, which batching cannot shorten on a compute-bound
 device); decode tokens/s, the tokens after each generation's first over each group's time after
-its last first token, and its ratio; and whether every generation equals its c = 1 output (greedy). ``--prefix-tokens N`` also times the
+its last first token, and its ratio; and whether every generation equals its c = 1 output (greedy).
+``--prefix-tokens N`` also times the
 first token of a prompt of N tokens (a repeated long system prompt plus a short question), sent
 twice: the second finds the first's prefix in the pool and prefills only its tail.
 """
