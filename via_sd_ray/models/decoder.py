@@ -6,6 +6,10 @@ subset of them (same weights, embeddings, norm and head). Driving the layers our
 instead of calling the model's ``forward``, lets each stack write into its own
 ``KVCache``, skip layers, and compute the LM head only on the positions it needs: the
 catch-up tokens of a verifier pass need KV entries but no logits.
+
+A pass over several generations packs their rows into one sequence [1, sum(T_i)] (no row pads
+another); the model's attention is ``packed_attention``, which writes each row's new keys and
+values into its own cache (a KV pool slot) and attends row by row over views of it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """A tier runner: one decoder stack serving drafts or verifications for many generations.
 
-The runner keeps a KV cache per generation id, within a memory budget (least recently
-used caches are evicted). Every call carries the generation's committed tokens, so the
-runner brings the cache in line before it runs the block:
+The runner keeps a KV cache per generation id, in one slot of its KV pool (admission:
+a new generation gets a free slot or a finished one's; running ones are never evicted; a
+finished generation's slot stays as a reusable prefix). Every call carries the generation's
+committed tokens, so the runner brings the cache in line before it runs the block:
 
     rollback  crop the cache to its longest common prefix with the committed tokens
               (rejected draft tokens, or a cache that ran ahead of an escalation);
     catch-up  run the committed tokens the cache lacks in the same forward pass as the
-              block (blocks accepted directly, tokens another tier recovered, or, after an
-              eviction or on a new replica, the whole sequence: a rebuild).
+              block (blocks accepted directly, tokens another tier recovered, or, after
+              an idle expiry or on a new replica, the whole sequence: a rebuild; a cached prefix
+              shortens it). A catch-up longer than the prefill chunk runs one chunk per pass.
 
 A verifier also rolls back its rejected tail right after verifying, so its cache ends
 each call as a prefix of the new committed tokens.

@@ -13,7 +13,7 @@ workers, in order, and runs its own part alongside:
 Each rank keeps its own KV caches, of its own KV heads: the caches are sharded like the
 weights. A worker's cache ``c`` mirrors rank 0's cache ``c`` token for token, so a row only
 says how many cached tokens to keep (rank 0's rollback) and which tokens to run. Caches that
-rank 0 drops (release, eviction, idle expiry) are named in the next call's ``dropped``.
+rank 0 drops (a slot reused by another generation) are named in the next call's ``dropped``.
 
 A rank that fails or dies breaks the group for good (its peers' collectives fail or time
 out): ``ShardFailure`` then reaches the tier, whose health check fails, and the host restarts

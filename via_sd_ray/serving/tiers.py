@@ -6,7 +6,7 @@ slot is free (or held by a finished generation, kept as a reusable prefix); othe
 in a bounded queue and is refused with 429 / RESOURCE_EXHAUSTED. Running generations are never
 evicted. Concurrent calls of
 different generations are micro-batched into one forward pass. Every call carries the
-generation's committed tokens, so a replica without the cache (new replica, eviction,
+generation's committed tokens, so a replica without the cache (new replica, idle expiry,
 failover) rebuilds it from token ids and continues.
 
 A replica takes calls only once it is warm: its start ends with one tiny call through the runner
