@@ -271,8 +271,8 @@ class TierRunner:
                                      [0 if chunk else len(b) + 1 for b, chunk in zip(blocks, chunked)])
         self.stats.prefill_chunks += sum(chunked)
         verdicts: list[Verdict | Pending] = []
-        for call, (cache, _), block, row_logits, chunk in zip(calls, synced, blocks, logits, chunked):
-            if chunk:  # row_logits: [K + 1, V]
+        for call, (cache, _), block, row_logits, chunk in zip(calls, synced, blocks, logits, chunked):  # [K + 1, V]
+            if chunk:  # a prefill chunk ran: no logits yet
                 verdicts.append(PENDING)
                 continue
             gen = None if call.params.greedy else generator(call.seed)

@@ -303,9 +303,11 @@ class GenerationRouter:
                 self.routes.pop(generation_id, None)  # the releases were routed by it
 
         try:
-            asyncio.get_running_loop().create_task(release_all(), context=contextvars.Context())
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no running loop (interpreter shutting down)
             self.routes.pop(generation_id, None)
+            return
+        loop.create_task(release_all(), context=contextvars.Context())
 
     async def check_health(self) -> None:
         return None

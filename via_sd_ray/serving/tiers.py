@@ -71,11 +71,6 @@ class TierServer:
         self.admitted_after_wait = 0  # generations that got a slot after waiting for one
         self._slot_freed: asyncio.Condition | None = None
         self._reported: dict[str, int] = {}  # slot event counters as last exported
-        pool = getattr(self.runner, "pool", None)
-        if pool is not None:
-            import logging
-
-            logging.getLogger(__name__).info("%s tier: KV pool of %s", tier, pool.describe())
         if warm_up if warm_up is not None else runner is None:
             self._warm_up()
 
