@@ -143,3 +143,23 @@ def test_bench_batch_reports_concurrency_and_prefix_reuse(tmp_path, prompts_file
     assert ttft["prompt_tokens"] == 300 and 0 < ttft["repeat_s"] and ttft["first_s"] > 0
     assert "tok/s" in capsys.readouterr().out
     assert main(["bench-batch", "--config", TINY, "--concurrency", "0,x", "--prompts", prompts_file]) == 2
+
+
+def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path, capsys):
+    """The GPU check's own code path, on the CPU: every field it reports on a GPU is there."""
+    out = tmp_path / "gpu-check.json"
+    assert main(["gpu-check", "--device", "cpu", "--shapes", "tiny", "--max-tokens", "12", "--prompt-tokens", "24",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["ok"] and record["device"] == "cpu"
+    (pair,) = record["pairs"]
+    assert pair["greedy_sd_equals_ar"]
+    assert pair["transfers_per_call"] == {"drafter": {"transfers": 1, "deviceless": []},
+                                          "full": {"transfers": 1, "deviceless": []}}
+    costs = pair["costs"]
+    assert set(costs["full_call_s"]) == {"1", "2", "4", "8"} and len(costs["slim_call_s_by_layers"]) >= 2
+    assert all(costs[k] > 0 for k in ("draft_token_s", "ar_step_s", "drafter_over_verifier"))
+    for mode in ("ar", "sd", "via-sd"):
+        for t in ("0", "1"):
+            assert pair["modes"][f"{mode}@t={t}"]["tokens"] == 12
+    assert set(pair["batch8_tokens_per_s"]) == {"ar", "sd"} and pair["peak_memory_bytes"] > 0

@@ -58,6 +58,7 @@ from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
 from via_sd_ray.data import load_prompts
 from via_sd_ray.errors import ConfigError
+from via_sd_ray.models.kv_cache import synchronize
 from via_sd_ray.models.local import LocalEngine
 
 MODES = ("ar", "sd", "via-sd", "via-sd-lossless", "hf", "hf-assisted")
@@ -102,12 +103,14 @@ def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: 
                 kwargs["prompt_lookup_num_tokens"] = engine.config.router.block_size
             else:
                 kwargs["assistant_model"] = engine.drafter_model
-        inputs = torch.tensor([prompt_ids])
+        inputs = torch.tensor([prompt_ids], device=engine.verifier_model.device)
+        synchronize(inputs.device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = engine.verifier_model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                                                  max_new_tokens=max_tokens, pad_token_id=engine.eos_token_ids[0],
                                                  eos_token_id=list(engine.eos_token_ids), **kwargs)
+        synchronize(inputs.device)
         run.elapsed += time.perf_counter() - start
         run.outputs.append(out[0, len(prompt_ids):].tolist())
         run.texts.append(engine.decode(run.outputs[-1]))  # stop strings: the code check cuts at them
@@ -138,7 +141,7 @@ def teacher_forced_hits(engine: LocalEngine, prompt_ids: list[int], output: list
     seq = prompt_ids + output
     cache = engine.full.stack.new_cache(capacity=len(seq))
     logits = engine.full.stack(seq[:-1], cache, len(output))  # [N, V]: predictions of output[0..N)
-    return int((logits.argmax(-1) == torch.tensor(output)).sum())
+    return int((logits.argmax(-1) == torch.tensor(output, device=logits.device)).sum())
 
 
 def summarize(runs: dict[str, ModeRun], references: list[list[int]]) -> dict:

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
     bb.add_argument("--json", dest="json_out", default=None, help="write the machine-readable record here")
 
+    gc = sub.add_parser("gpu-check", help="costs, tokens/s and checks on one accelerator, with random weights of "
+                        "real shapes (no checkpoint needed)")
+    gc.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda where visible)")
+    gc.add_argument("--shapes", default="real", choices=["real", "tiny"],
+                    help="real: 0.5B drafter with 7B and 32B verifiers; tiny: 2-4 layer models (CPU smoke run)")
+    gc.add_argument("--layers", type=int, default=None, help="truncate the verifier to this many layers")
+    gc.add_argument("--max-tokens", type=int, default=64)
+    gc.add_argument("--prompt-tokens", type=int, default=128)
+    gc.add_argument("--json", dest="json_out", default=None, help="write the record here")
+
     bs = sub.add_parser("bench-serve", help="benchmark a running application over gRPC and HTTP")
     _add_config(bs)
     bs.add_argument("--http", default="http://127.0.0.1:8000")
@@ -133,6 +143,10 @@ def _run(args) -> int:
 
         run_bench_batch(args)
         return 0
+    if args.command == "gpu-check":
+        from via_sd_ray.gpu_check import run_gpu_check
+
+        return 0 if run_gpu_check(args)["ok"] else 1
     if args.command == "bench-serve":
         from via_sd_ray.serving.loadtest import run_serving_bench
 

@@ -74,6 +74,9 @@ class VerifierConfig(ModelConfig):
         if self.engine == "deepspeed" and self.dtype == "float64":
             raise ValueError("dtype: expected float32, bfloat16 or float16 with engine 'deepspeed' (DeepSpeed "
                              "inference takes no float64), received 'float64'")
+        if self.engine == "deepspeed" and self.quantization != "none":
+            raise ValueError(f"quantization: expected 'none' with engine 'deepspeed' (DeepSpeed loads on the host and "
+                             f"moves nn.Linear shards to the GPU), received {self.quantization!r}")
         if self.tensor_parallel_size > 1 and self.quantization != "none":
             raise ValueError(f"quantization: expected 'none' with tensor_parallel_size > 1 (AutoTP shards "
                              f"nn.Linear layers only), received {self.quantization!r}")
@@ -262,6 +265,10 @@ class ServingConfig(_Strict):
     prefix_min_tokens: int | None = Field(16, ge=1, description="Shortest cached prefix a new generation copies "
                                           "from another one's slot (null: only a finished generation's own slot "
                                           "is reused).")
+    proposal_top_k: int = Field(64, ge=0, description="Tokens of a sampled proposal: the drafter samples its block "
+                                "from the renormalised top-k of its warped distribution and ships only those k "
+                                "(rejection sampling against them is exact); the slim verifier's distributions "
+                                "passed on to the full verifier likewise. 0: the whole vocabulary.")
     prefix_affinity_tokens: int | None = Field(256, ge=1, description="Route a generation by a hash of its first "
                                                "this many prompt tokens (prompts at least this long), so prompts "
                                                "sharing them meet their cached prefix; null: by generation id.")

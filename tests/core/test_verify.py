@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.core.distribution import empirical, tv_bound, tv_distance
-from via_sd_ray.core.sampling import SamplingParams, generator, warp
+from via_sd_ray.core.sampling import SamplingParams, draw, generator, top_k_proposal, warp
 from via_sd_ray.core.verify import verify
 
 V = 8
@@ -58,8 +58,8 @@ def test_greedy_confidence_is_the_verifier_top_probability_up_to_the_recovered_p
     verdict = verify([0, 1], logits_of(rows), GREEDY, return_probs=True)
     assert (verdict.accepted, verdict.next_token) == (1, 2)
     assert verdict.confidence == pytest.approx([0.7, 0.5])
-    assert verdict.probs.shape == (2, 4)
-    assert torch.allclose(verdict.probs.double(), torch.tensor(rows[:2], dtype=torch.float64), atol=1e-6)
+    assert len(verdict.probs) == 2  # a proposal over the whole vocabulary (proposal_top_k 0)
+    assert torch.allclose(verdict.probs.dense(4).double(), torch.tensor(rows[:2], dtype=torch.float64), atol=1e-6)
 
 
 def test_sampled_confidence_comes_from_the_warped_distribution():
@@ -154,3 +154,42 @@ def test_bonus_token_follows_the_target_after_a_fully_accepted_block(rejection_t
     samples = [verdict.next_token for _, verdict in rejection_trials if verdict.accepted == 2]
     assert len(samples) > 2_000
     assert tv_distance(empirical(samples, V), P[2]) < tv_bound(V, len(samples))
+
+
+# -- sparse proposals: a drafter's top-k rows, shipped as (ids, probs) ---------------------
+
+
+def test_draw_follows_the_weights_and_never_picks_a_zero_weight_token():
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]])  # unnormalised
+    n, gen = 20_000, generator(5)
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    samples = draw(weights.expand(n, -1), u).tolist()
+    assert set(samples) <= {1, 3, 4}
+    assert tv_distance(empirical(samples, V), weights[0] / weights.sum()) < tv_bound(V, n)
+
+
+def test_top_k_proposal_is_the_renormalised_head():
+    proposal = top_k_proposal(Q[:1].float(), 3)
+    assert proposal.ids.tolist() == [[7, 6, 5]]
+    dense = proposal.dense(V)[0]
+    assert float(dense.sum()) == pytest.approx(1.0)
+    assert dense[[7, 6, 5]].tolist() == pytest.approx([0.30 / 0.65, 0.20 / 0.65, 0.15 / 0.65], rel=1e-6)
+
+
+def test_blocks_drawn_from_sparse_proposals_commit_tokens_distributed_as_the_target():
+    """The drafter samples from the renormalised top-3 of its distribution and ships only those rows: with
+    that sparse q, rejection sampling commits tokens distributed exactly as the target."""
+    n = 20_000
+    proposal = top_k_proposal(Q.float(), 3)  # [2, 3]
+    q = proposal.dense(V).double()
+    drafts = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=generator(20 + i))
+                          for i in range(2)], dim=1).tolist()  # [n, 2]
+    gen, logits = generator(3), P.log()
+    trials = [(block, verify(block, logits, SAMPLED, proposal, gen)) for block in drafts]
+    first = [verdict.tokens(block)[0] for block, verdict in trials]
+    second = [verdict.tokens(block)[1] for block, verdict in trials if verdict.accepted >= 1]
+    assert tv_distance(empirical(first, V), P[0]) < tv_bound(V, n)
+    assert tv_distance(empirical(second, V), P[1]) < tv_bound(V, len(second))
+    # checking against the dense q the block was *not* drawn from would be biased: the test can see it
+    dense_q = [first_committed(block, verify(block, logits, SAMPLED, Q.float(), gen)) for block in drafts]
+    assert tv_distance(empirical(dense_q, V), P[0]) > 3 * tv_bound(V, n)

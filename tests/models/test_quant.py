@@ -1,5 +1,6 @@
 """Weight-only int8 linear layers."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -48,3 +49,34 @@ def test_int4_linear_is_close_to_float_and_packs_on_cpu():
     quantize(model, "int4-weight-only")
     assert isinstance(model[0], Int4WeightOnlyLinear)
     assert isinstance(model[1], Int8WeightOnlyLinear)  # 16 inputs: not a multiple of the group size
+
+
+def test_torchao_int8_model_equals_its_dequantized_reference_and_keeps_greedy_tokens():
+    """The path every non-CPU device takes (torchao ``quantize_``), on the CPU where torchao's int8 runs: the
+    quantized model's logits equal those of its own de-quantized weights, and greedy decoding agrees."""
+    pytest.importorskip("torchao")
+    from via_sd_ray.models.quant import quantize_torchao
+    from via_sd_ray.models.tiny import tiny_model
+
+    model = tiny_model("verifier", dtype=torch.bfloat16)
+    quantize_torchao(model, "int8-weight-only")
+    reference = tiny_model("verifier", dtype=torch.bfloat16)
+    with torch.no_grad():  # the same int8 weights, de-quantized once into plain linear layers
+        for (name, q), (_, ref) in zip(model.named_modules(), reference.named_modules()):
+            if isinstance(ref, nn.Linear):
+                ref.weight.copy_(q.weight.dequantize())
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), reference(ids).logits.float()
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert model.generate(ids, **greedy).tolist() == reference.generate(ids, **greedy).tolist()
+
+
+def test_int4_off_cpu_and_cuda_is_a_config_error_not_a_per_forward_dequantization():
+    pytest.importorskip("torchao")
+    from via_sd_ray.models.quant import quantize
+
+    model = nn.Sequential(nn.Linear(64, 32)).to("meta")
+    with pytest.raises(ValueError, match="int4-weight-only.*'meta'"):
+        quantize(model, "int4-weight-only")

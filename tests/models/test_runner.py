@@ -19,8 +19,8 @@ from via_sd_ray.models.local import TierTimes
 from via_sd_ray.models.runner import TierRunner
 
 PROMPT_TEXT = "hello world"
-GREEDY = SamplingParams(max_tokens=40)
-SAMPLED = SamplingParams(max_tokens=40, temperature=1.0, seed=3)
+GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)  # every run is max_tokens long
+SAMPLED = SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True)
 VIA_SD = RouterPolicy(mode="via-sd", block_size=4)
 
 

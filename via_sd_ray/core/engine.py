@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from via_sd_ray.core.policy import Mode, RouterPolicy, Tier, block_confidence
-from via_sd_ray.core.sampling import SamplingParams, TokenLogprob, derive_seed
+from via_sd_ray.core.sampling import Proposal, SamplingParams, TokenLogprob, derive_seed
 from via_sd_ray.core.stats import BlockRecord, GenerationStats
 from via_sd_ray.core.verify import Verdict
 from via_sd_ray.errors import InvalidRequest
@@ -50,7 +50,8 @@ class DraftCall:
 class Draft:
     tokens: list[int]  # the block
     token_probs: list[float]  # drafter probability of each block token
-    probs: torch.Tensor | None = None  # [len(tokens), V] warped drafter distributions (sampling only)
+    probs: torch.Tensor | Proposal | None = None  # the drafter's distributions the block was drawn from
+    # (sampling only): a sparse Proposal [len(tokens), top-k], or dense [len(tokens), V]
     logprobs: list[TokenLogprob] | None = None  # the drafter's, of each block token (params.logprobs set)
 
 
@@ -64,7 +65,7 @@ class VerifyCall:
     block: list[int]
     params: SamplingParams
     seed: int
-    draft_probs: torch.Tensor | None = None  # [len(block), V]; None: greedy, or one-hot proposals
+    draft_probs: torch.Tensor | Proposal | None = None  # of the block's tokens; None: greedy, or one-hot
     return_probs: bool = False
     suppress_ids: tuple[int, ...] = ()  # impossible in the first suppress_rows positions (min_tokens)
     suppress_rows: int = 0
@@ -286,7 +287,7 @@ class _Held:
     spans: list[int] = field(default_factory=list)  # tokens each held block contributed
     drafts: list[list[int]] = field(default_factory=list)  # each held block's draft
     records: list[BlockRecord] = field(default_factory=list)
-    rows: list[torch.Tensor] = field(default_factory=list)  # [k, V] drafter distributions per block (sampling)
+    rows: list = field(default_factory=list)  # drafter distributions per block (sampling): Proposal or [k, V]
 
     def add(self, tokens: list[int], draft: Draft, record: BlockRecord) -> None:
         self.tokens += tokens
@@ -300,7 +301,8 @@ class _Held:
         """The proposals' distributions, held blocks first: [len(tokens) + len(draft.tokens), V]."""
         if not self.rows:
             return draft.probs
-        return torch.cat(self.rows + ([draft.probs] if draft.probs is not None else []))
+        rows = self.rows + ([draft.probs] if draft.probs is not None else [])
+        return Proposal.cat(rows) if isinstance(rows[0], Proposal) else torch.cat(rows)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

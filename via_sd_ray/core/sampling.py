@@ -97,7 +97,8 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     if not tokens:
         return []
     logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)  # [N, V]
-    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
+    rows = torch.arange(len(tokens), device=logp.device)
+    chosen = logp[rows, torch.tensor(tokens, dtype=torch.long, device=logp.device)].tolist()
     if top == 0:
         return [TokenLogprob(lp) for lp in chosen]
     values, ids = torch.topk(logp, top, dim=-1)  # [N, top]
@@ -118,3 +119,68 @@ def generator(seed: int) -> torch.Generator:
 def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     """One draw from ``probs`` [V]."""
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def uniforms(gen: torch.Generator, n: int, device: torch.device | str) -> torch.Tensor:
+    """``n`` uniform draws in [0, 1) [n] from the seeded host generator, on ``device``: the same draws on
+    every device, so a seeded generation gives the same tokens whichever replica runs a call."""
+    return torch.rand(n, generator=gen, device="cpu", dtype=torch.float64).to(device)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` [N, V] (unnormalised weights, >= 0) by inverse CDF at ``u`` [N]:
+    the index [N] whose cumulative weight first exceeds ``u`` times the row's total. Runs where ``probs``
+    lies, without a host round trip."""
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [N, V]
+    target = (u.double() * cdf[:, -1]).unsqueeze(-1)  # [N, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+@dataclass
+class Proposal:
+    """A sparse proposal distribution per position: token ``ids`` [N, k] and their ``probs`` [N, k]
+    (summing to 1 per row); every other token has probability 0. A drafter samples its block from
+    these rows, so rejection sampling against them is exact, and they travel as 2·N·k numbers
+    instead of N·V."""
+
+    ids: torch.Tensor  # [N, k] long
+    probs: torch.Tensor  # [N, k] float32
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> Proposal:
+        return Proposal(self.ids[rows], self.probs[rows])
+
+    def to(self, device: torch.device | str) -> Proposal:
+        return Proposal(self.ids.to(device), self.probs.to(device))
+
+    def dense(self, vocab: int) -> torch.Tensor:
+        """The rows as full distributions [N, V] (on the proposal's device)."""
+        out = torch.zeros((len(self), vocab), dtype=torch.float32, device=self.ids.device)
+        return out.scatter_(-1, self.ids, self.probs.float())
+
+    @staticmethod
+    def cat(parts: list[Proposal]) -> Proposal:
+        width = max(p.ids.shape[1] for p in parts)
+        ids = [torch.nn.functional.pad(p.ids, (0, width - p.ids.shape[1])) for p in parts]
+        probs = [torch.nn.functional.pad(p.probs, (0, width - p.probs.shape[1])) for p in parts]
+        return Proposal(torch.cat(ids), torch.cat(probs))
+
+
+def top_k_proposal(probs: torch.Tensor, k: int) -> Proposal:
+    """The renormalised ``k`` most likely tokens of each row of ``probs`` [N, V] (k <= 0: all of them)."""
+    k = probs.shape[-1] if k <= 0 else min(k, probs.shape[-1])
+    values, ids = torch.topk(probs, k, dim=-1)  # [N, k], most likely first
+    return Proposal(ids, values / values.sum(-1, keepdim=True))
+
+
+def as_dense(q: torch.Tensor | Proposal | None, vocab: int, device) -> torch.Tensor | None:
+    """A proposal (dense [K, V], sparse ``Proposal`` or None) as dense rows [K, V] on ``device``."""
+    if q is None:
+        return None
+    if isinstance(q, Proposal):
+        return q.to(device).dense(vocab)
+    q = q.to(device=device, dtype=torch.float32)
+    # a drafter whose head is narrower than the verifier's (padded) vocabulary never proposes the rest
+    return torch.nn.functional.pad(q, (0, vocab - q.shape[-1])) if q.shape[-1] < vocab else q

@@ -83,37 +83,40 @@ class DecoderStack(nn.Module):
         return self.forward_batch([token_ids], [cache], [num_logits])[0]
 
     @torch.inference_mode()
-    def forward_batch(self, token_lists: list[list[int]], caches: list[KVCache],
+    def forward_batch(self, token_lists: list[list[int] | torch.Tensor], caches: list[KVCache],
                       num_logits: list[int]) -> list[torch.Tensor]:
         """``forward`` for several generations in one pass.
 
-        Row i runs ``token_lists[i]`` after what ``caches[i]`` holds and gets float32 logits
-        [num_logits[i], V] (0 rows: a prefill chunk). The rows are packed one after another into a
-        single sequence, so no row pads another; attention reads each row's cache where it lies.
+        Row i runs ``token_lists[i]`` (host ids, or a long tensor [T] already on the device: a token
+        just picked there) after what ``caches[i]`` holds and gets float32 logits [num_logits[i], V] on
+        the device (0 rows: a prefill chunk). The rows are packed one after another into a single
+        sequence, so no row pads another; attention reads each row's cache where it lies. A cache
+        records a device row's ids as unknown (-1) until ``KVCache.fill``.
         """
+        device = self.device
         lengths = [len(t) for t in token_lists]
         assert all(n >= 1 for n in lengths) and all(0 <= k <= n for k, n in zip(num_logits, lengths))
         longest = max(len(cache) + n for cache, n in zip(caches, lengths))
         if longest > self.max_context:
             raise ValueError(f"sequence of {longest} tokens exceeds the context window of {self.max_context}")
         starts = [cache.begin(n) for cache, n in zip(caches, lengths)]
-        ids = torch.tensor([[t for tokens in token_lists for t in tokens]], dtype=torch.long,
-                           device=self.device)  # [1, N]: the rows packed
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])[None].to(self.device)
+        ids = torch.cat([t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.long, device=device)
+                         for t in token_lists])[None]  # [1, N]: the rows packed
+        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])[None]
         hidden = self.embed_tokens(ids)  # [1, N, H]
         rotary = self.rotary_emb(hidden, position_ids=positions)
-        packed = PackedRows(caches, starts, lengths, self.device)
+        packed = PackedRows(caches, starts, lengths, device)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=None, position_ids=positions, cache=packed, use_cache=True,
                            position_embeddings=rotary, packed=packed)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
         for cache, tokens in zip(caches, token_lists):
-            cache.finish(tokens)
+            cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
         wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
         if not wanted:
             return [hidden.new_empty((0, self.vocab_size), dtype=torch.float32) for _ in lengths]
-        rows = hidden[:, torch.tensor(wanted, device=self.device)]  # [1, sum(num_logits), H]
+        rows = hidden[:, torch.tensor(wanted, device=device)]  # [1, sum(num_logits), H]
         logits = self.lm_head(self.norm(rows))[0].float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits))
 

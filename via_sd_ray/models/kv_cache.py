@@ -97,6 +97,12 @@ class KVCache:
         assert len(self.token_ids) == self._write_at
         self.token_ids.extend(token_ids)
 
+    def fill(self, start: int, token_ids: list[int]) -> None:
+        """Name the tokens at positions ``start``.. that a pass recorded as unknown (picked on the device);
+        past the cache's length (cropped since) they are dropped."""
+        end = min(start + len(token_ids), len(self.token_ids))
+        self.token_ids[start:end] = token_ids[: end - start]
+
     def copy_prefix(self, source: KVCache, length: int) -> None:
         """Start as ``source``'s first ``length`` tokens (prefix reuse): a copy of their entries."""
         assert len(self) == 0 and length <= len(source) and length <= self.capacity
@@ -144,6 +150,14 @@ class KVPool:
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """KV bytes one token takes in a stack of ``num_layers`` layers."""
     return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU): timers that stop without it measure
+    the launches, not the work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def free_device_bytes(device: torch.device | str) -> int:

@@ -130,11 +130,13 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
                attn_implementation: str = "sdpa", quantization: str = "none", device: str = "cpu",
-               linear_kernel: str = "aten"):
+               linear_kernel: str = "aten", dtype_device: str | None = None):
     """A Hugging Face causal LM in eval mode on ``device``. With ``layers``, only those decoder
     layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process).
-    ``linear_kernel``: what computes the unquantized linear layers (``models.kernels``)."""
-    model = _load(resolved, torch_dtype(dtype, device), layers, attn_implementation).to(device)
+    ``linear_kernel``: what computes the unquantized linear layers (``models.kernels``).
+    ``dtype_device``: the device ``dtype: auto`` is chosen for, when the model is loaded elsewhere
+    first (DeepSpeed loads on the host and moves each shard to its GPU)."""
+    model = _load(resolved, torch_dtype(dtype, dtype_device or device), layers, attn_implementation).to(device)
     try:
         return kernels.apply(quantize(model, quantization), linear_kernel)
     except ValueError as err:

@@ -19,6 +19,7 @@ from via_sd_ray.core.policy import RouterPolicy, Tier
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
 from via_sd_ray.errors import InvalidRequest
+from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.detok import IncrementalText
 from via_sd_ray.models.loading import eos_token_ids, load_tokenizer, resolve
 from via_sd_ray.models.runner import TierRunner
@@ -79,17 +80,31 @@ class StreamEvent:
 class LocalEngine:
     def __init__(self, config: EngineConfig, threads: int | None = None, launcher: ShardLauncher | None = None):
         """``launcher`` starts the verifier's other tensor-parallel ranks (tensor_parallel_size > 1)."""
-        self.config = config
         if threads or config.threads:
             torch.set_num_threads(threads or config.threads)
         verifier_cfg = config.models.verifier
         verifier_src = resolve(verifier_cfg.source, verifier_cfg.revision)
-        self.tokenizer = load_tokenizer(verifier_src)
         stacks = verifier_stacks(config, {"full": None, "slim": config.slim.layers}, None, launcher)
-        self.verifier_model = stacks["full"].hf_model  # on its engine (rank 0's shard under tensor parallelism)
-        self.full = tier_runner(stacks["full"], config, "full")
-        self.slim = tier_runner(stacks["slim"], config, "slim")
-        self.drafter = build_drafter(config, stacks["full"].vocab_size)
+        self._setup(config, load_tokenizer(verifier_src), stacks["full"], stacks["slim"],
+                    build_drafter(config, stacks["full"].vocab_size))
+
+    @classmethod
+    def from_models(cls, config: EngineConfig, verifier, drafter, tokenizer) -> LocalEngine:
+        """An engine over models already built (``via-sd gpu-check``'s random weights of real shapes):
+        ``config`` gives the slim layers, router and KV pools; its model sources are not read."""
+        engine = cls.__new__(cls)
+        full = DecoderStack(verifier)
+        engine._setup(config, tokenizer, full, DecoderStack(verifier, config.slim.layers),
+                      tier_runner(DecoderStack(drafter), config, "drafter"))
+        return engine
+
+    def _setup(self, config: EngineConfig, tokenizer, full, slim, drafter) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.verifier_model = full.hf_model  # on its engine (rank 0's shard under tensor parallelism)
+        self.full = tier_runner(full, config, "full")
+        self.slim = tier_runner(slim, config, "slim")
+        self.drafter = drafter
         if isinstance(self.drafter, TierRunner):
             self.drafter_model = self.drafter.stack.hf_model
         self.eos_token_ids = eos_token_ids(self.verifier_model, self.tokenizer)

@@ -9,6 +9,13 @@ verifier's argmax on the verifier's own code completions (768 tokens): bf16 86.5
 sub-blocks are themselves 4-bit affine groups, which int4 groups of 32 represent almost
 exactly. int4 is the drafter's default (a drafter's errors cost speed, never
 correctness); the verifier tiers stay unquantized unless configured.
+
+On a CPU the layers below call torch's own packed kernels (``_weight_int4pack_mm_for_cpu``,
+``_weight_int8pack_mm``); torchao 0.18, the latest release, has no CPU int4 layout (its int4
+weight-only tensors need CUDA or the mslk kernels). On any other device the model goes through
+torchao's ``quantize_`` (int8 weight-only; int4 weight-only in tinygemm's tile-packed layout,
+groups of 32), and a device neither path serves is a config error: weights are never
+de-quantized per forward.
 """
 
 from __future__ import annotations
@@ -64,25 +71,17 @@ class Int4WeightOnlyLinear(nn.Module):
         # [in / g, out, 2]: scale and zero of each group and output channel
         scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.group, self.in_features, self.out_features = group, in_features, out_features
-        self.packed = linear.weight.device.type == "cpu"
-        if self.packed:
-            self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8))
-        else:
-            self.register_buffer("weight_int4", codes.to(torch.uint8))
+        assert linear.weight.device.type == "cpu", "other devices quantize through torchao (quantize)"
+        self.packed = True
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8))
         self.register_buffer("scales_zeros", scales_zeros)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.compute_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [N, in]
-        if self.packed:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight_int4, self.group,
-                                                             self.scales_zeros).to(flat.dtype)  # [N, out]
-        else:
-            codes = self.weight_int4.float().view(self.out_features, -1, self.group) - 8.0
-            sz = self.scales_zeros.float().transpose(0, 1)  # [out, in / g, 2]
-            weight = (codes * sz[..., :1] + sz[..., 1:]).view(self.out_features, self.in_features)
-            out = nn.functional.linear(flat, weight.to(flat.dtype))
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight_int4, self.group,
+                                                         self.scales_zeros).to(flat.dtype)  # [N, out]
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
@@ -98,6 +97,9 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
         return model
     if scheme not in SCHEMES:
         raise ValueError(f"quantization: expected one of {SCHEMES}, received {scheme!r}")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return quantize_torchao(model, scheme)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):
@@ -106,6 +108,23 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
                 setattr(module, name, Int4WeightOnlyLinear(child))
             else:
                 setattr(module, name, Int8WeightOnlyLinear(child))
+    return model
+
+
+def quantize_torchao(model: nn.Module, scheme: str) -> nn.Module:
+    """``quantize`` through torchao (the path of every device but the CPU; int8 works on the CPU too)."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ValueError(f"quantization: {scheme!r} off the CPU runs through torchao; install it "
+                         "(pip install 'via-sd-ray[gpu]') or set quantization: none") from None
+    device = next(model.parameters()).device
+    if scheme == "int4-weight-only" and device.type != "cuda":
+        raise ValueError(f"quantization: expected a CPU or a CUDA device for 'int4-weight-only', received "
+                         f"{device.type!r} (torchao's int4 kernels are CUDA-only); use int8-weight-only")
+    config = (Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d")
+              if scheme == "int4-weight-only" else Int8WeightOnlyConfig())
+    quantize_(model, config)
     return model
 
 

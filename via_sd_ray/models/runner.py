@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
-from via_sd_ray.core.sampling import generator, sample, suppress, token_logprobs, warp
-from via_sd_ray.core.verify import Verdict, verify
+from via_sd_ray.core.sampling import Proposal, draw, generator, suppress, token_logprobs, top_k_proposal, uniforms, warp
+from via_sd_ray.core.verify import Verdict, read_verdict, verify_on_device
 from via_sd_ray.errors import Overloaded
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.kv_cache import KVCache, KVPool
@@ -58,15 +58,21 @@ PENDING = Pending()
 
 class TierRunner:
     def __init__(self, stack: DecoderStack, pool: KVPool | None = None, name: str = "tier",
-                 prefill_chunk: int | None = None, prefix_min_tokens: int | None = 16):
+                 prefill_chunk: int | None = None, prefix_min_tokens: int | None = 16,
+                 proposal_top_k: int = 64, host_steps: bool | None = None):
         """``pool``: the slots caches live in (None: each cache owns storage that grows; nothing is kept
         after a release). ``prefill_chunk``: most catch-up tokens of one call in one pass (None: all).
         ``prefix_min_tokens``: shortest cached prefix a new generation copies (None: never copy; a
-        finished generation's own slot is still taken over)."""
+        finished generation's own slot is still taken over). ``proposal_top_k``: the tokens of a sampled
+        proposal (the drafter samples from the renormalised top-k of its warped distribution; 0: all).
+        ``host_steps``: decide a block's early stop after every draft position (default: on a CPU, where
+        reading a number back is no transfer)."""
         self.stack = stack
         self.name = name
         self.pool = pool
         self.prefill_chunk = prefill_chunk
+        self.proposal_top_k = proposal_top_k
+        self.host_steps = stack.device.type == "cpu" if host_steps is None else host_steps
         self.prefix_min_tokens = None if getattr(stack, "mirrored", False) else prefix_min_tokens
         self.caches: dict[str, KVCache] = {}  # running generations
         self.last_used: dict[str, float] = {}  # monotonic time of each running cache's last call
@@ -223,43 +229,99 @@ class TierRunner:
         return self.prefill_chunk is not None and len(missing) + tail > self.prefill_chunk and len(missing) > 1
 
     def _draft_batch(self, calls: list[DraftCall]) -> list[Draft | Pending]:
+        """Draft on the stack's device: each position's token is picked there and fed to the next pass
+        as a device tensor; the blocks, their probabilities and (sampling) proposals come back in one
+        host transfer at the end. A block ends early after a token below its ``stop_threshold``: where
+        the device is the host (``host_steps``) that is decided after every position, elsewhere every
+        row drafts its ``k`` tokens and the block is cut on the host (a decode step per block instead
+        of a transfer per position)."""
         synced = [self._sync(c.generation_id, c.committed) for c in calls]
         chunked = [self._chunked(missing, 0) for _, missing in synced]
         caches = [cache for cache, _ in synced]
         rows = [missing[: self.prefill_chunk] if chunk else missing for (_, missing), chunk in zip(synced, chunked)]
-        logits = self._forward_batch(rows, caches, [0 if chunk else 1 for chunk in chunked])
+        logits = self.stack.forward_batch(rows, caches, [0 if chunk else 1 for chunk in chunked])
+        self.stats.forward_tokens += sum(len(r) for r in rows)
         self.stats.prefill_chunks += sum(chunked)
-        gens = [None if c.params.greedy else generator(c.seed) for c in calls]
-        tokens: list[list[int]] = [[] for _ in calls]
-        token_probs: list[list[float]] = [[] for _ in calls]
-        dists: list[list[torch.Tensor]] = [[] for _ in calls]
-        logprobs: list[list] = [[] for _ in calls]
-        active = [i for i in range(len(calls)) if not chunked[i]]
+        device = self.stack.device
+        draws = {i: None if c.params.greedy else uniforms(generator(c.seed), c.k, device)
+                 for i, c in enumerate(calls) if not chunked[i]}
+        picked: dict[int, list[torch.Tensor]] = {i: [] for i in draws}  # per row: [2] token, prob per position
+        proposals: dict[int, list[Proposal]] = {i: [] for i in draws}
+        raw: dict[int, list[torch.Tensor]] = {i: [] for i in draws}  # [1, V] logits per position (logprobs)
+        active = list(draws)
         logits = [logits[i] for i in active]
+        host_steps = self.host_steps and any(c.stop_threshold > 0 for c in calls)
+        start = {i: len(caches[i]) for i in active}  # where the cache records its draft tokens
         while active:
-            going = []
+            tokens_now = []
             for i, row_logits in zip(active, logits):
-                call = calls[i]
-                masked = suppress(row_logits, call.suppress_ids, call.suppress_rows - len(tokens[i]))
-                probs = warp(masked, call.params)[0]  # [V]
-                token = int(probs.argmax()) if gens[i] is None else sample(probs, gens[i])
-                tokens[i].append(token)
-                token_probs[i].append(float(probs[token]))
+                call, step = calls[i], len(picked[i])
+                masked = suppress(row_logits, call.suppress_ids, call.suppress_rows - step)
+                probs = warp(masked, call.params)  # [1, V]
+                if draws[i] is None:
+                    token = probs.argmax(dim=-1)  # [1]
+                    prob = probs[0, token]
+                else:
+                    proposal = top_k_proposal(probs, self.proposal_top_k)
+                    choice = draw(proposal.probs, draws[i][step : step + 1])  # [1]
+                    token, prob = proposal.ids[0, choice], proposal.probs[0, choice]
+                    proposals[i].append(proposal)
+                picked[i].append(torch.cat([token.double(), prob.double()]))
                 if call.params.logprobs is not None:
-                    logprobs[i] += token_logprobs(row_logits, [token], call.params.logprobs)
-                if gens[i] is not None:
-                    dists[i].append(probs)
-                if len(tokens[i]) < calls[i].k and token_probs[i][-1] >= calls[i].stop_threshold:
-                    going.append(i)
+                    raw[i].append(row_logits)
+                tokens_now.append(token)
+            if host_steps:  # no transfer: the device is the host
+                last = torch.stack([picked[i][-1] for i in active]).tolist()
+                going = [i for i, (_, p) in zip(active, last)
+                         if len(picked[i]) < calls[i].k and p >= calls[i].stop_threshold]
+            else:
+                going = [i for i in active if len(picked[i]) < calls[i].k]
             if not going:
                 break
-            logits = self._forward_batch([[tokens[i][-1]] for i in going], [caches[i] for i in going],
-                                         [1] * len(going))
+            feed = [tokens_now[active.index(i)] for i in going]
+            logits = self.stack.forward_batch(feed, [caches[i] for i in going], [1] * len(going))
+            self.stats.forward_tokens += len(going)
             active = going
-        return [PENDING if chunked[i] else
-                Draft(tokens[i], token_probs[i], torch.stack(dists[i]) if dists[i] else None,  # [k, V]
-                      logprobs[i] if calls[i].params.logprobs is not None else None)
-                for i in range(len(calls))]
+        drafts = self._read_drafts(calls, picked, proposals)
+        for i, (draft, ran) in drafts.items():
+            caches[i].fill(start[i], ran)  # the draft tokens the cache holds, now known on the host
+            if len(ran) > len(draft.tokens) - 1:  # drafted past an early stop: keep only what the block holds
+                caches[i].crop(start[i] + max(len(draft.tokens) - 1, 0))
+            if calls[i].params.logprobs is not None:  # their own transfer, only when asked for
+                draft.logprobs = token_logprobs(torch.cat(raw[i])[: len(draft.tokens)], draft.tokens,
+                                                calls[i].params.logprobs)
+        return [PENDING if chunked[i] else drafts[i][0] for i in range(len(calls))]
+
+    def _read_drafts(self, calls: list[DraftCall], picked: dict, proposals: dict
+                     ) -> dict[int, tuple[Draft, list[int]]]:
+        """The drafts of ``picked`` (per row, a [2] device tensor per position) read back in one transfer,
+        each with the tokens that ran through the stack (all drafted tokens but the last)."""
+        if not picked:
+            return {}
+        order = list(picked)
+        parts = [torch.stack(picked[i]).flatten() for i in order]
+        props = {i: Proposal.cat(proposals[i]) for i in order if proposals[i]}
+        for i in order:
+            if i in props:
+                parts += [props[i].ids.flatten().double(), props[i].probs.flatten().double()]
+        host = torch.cat(parts).cpu()  # the one device -> host transfer of the call
+        drafts, offset = {}, 0
+        for i in order:
+            n = len(picked[i])
+            values = host[offset : offset + 2 * n].view(n, 2)
+            offset += 2 * n
+            tokens, token_probs = [int(t) for t in values[:, 0].tolist()], values[:, 1].tolist()
+            keep = _cut(token_probs, calls[i].stop_threshold)
+            drafts[i] = (Draft(tokens[:keep], token_probs[:keep]), tokens[: n - 1])
+        for i in order:
+            if i in props:
+                n, width = props[i].ids.shape
+                ids = host[offset : offset + n * width].view(n, width).long()
+                probs = host[offset + n * width : offset + 2 * n * width].view(n, width).float()
+                offset += 2 * n * width
+                draft = drafts[i][0]
+                draft.probs = Proposal(ids, probs)[: len(draft.tokens)]
+        return drafts
 
     def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict | Pending]:
         synced = [self._sync(c.generation_id, c.committed) for c in calls]
@@ -267,25 +329,39 @@ class TierRunner:
         chunked = [self._chunked(missing, len(block)) for (_, missing), block in zip(synced, blocks)]
         rows = [missing[: self.prefill_chunk] if chunk else missing + block
                 for (_, missing), block, chunk in zip(synced, blocks, chunked)]
-        logits = self._forward_batch(rows, [cache for cache, _ in synced],
-                                     [0 if chunk else len(b) + 1 for b, chunk in zip(blocks, chunked)])
+        logits = self.stack.forward_batch(rows, [cache for cache, _ in synced],
+                                          [0 if chunk else len(b) + 1 for b, chunk in zip(blocks, chunked)])
+        self.stats.forward_tokens += sum(len(r) for r in rows)
         self.stats.prefill_chunks += sum(chunked)
-        verdicts: list[Verdict | Pending] = []
-        for call, (cache, _), block, row_logits, chunk in zip(calls, synced, blocks, logits, chunked):  # [K + 1, V]
-            if chunk:  # a prefill chunk ran: no logits yet
-                verdicts.append(PENDING)
-                continue
+        done = [i for i in range(len(calls)) if not chunked[i]]  # a prefill chunk ran for the others: no logits
+        packed, proposals = [], {}
+        for i in done:
+            call = calls[i]
             gen = None if call.params.greedy else generator(call.seed)
-            verdict = verify(block, row_logits, call.params, call.draft_probs, gen, call.return_probs,
-                             call.suppress_ids, call.suppress_rows)
-            cache.crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
-            verdicts.append(verdict)
+            flat, proposal = verify_on_device(blocks[i], logits[i], call.params, call.draft_probs, gen,
+                                              call.return_probs, call.suppress_ids, call.suppress_rows,
+                                              self.proposal_top_k)
+            packed.append(flat)
+            if proposal is not None:
+                proposals[i] = proposal
+                packed += [proposal.ids.flatten().double(), proposal.probs.flatten().double()]
+        host = torch.cat(packed).cpu() if packed else None  # the one device -> host transfer of the call
+        verdicts: list[Verdict | Pending] = [PENDING] * len(calls)
+        offset = 0
+        for i in done:
+            call, k = calls[i], len(blocks[i])
+            values = host[offset : offset + k + 3].tolist()
+            offset += k + 3
+            proposal = None
+            if i in proposals:
+                n, width = proposals[i].ids.shape
+                proposal = Proposal(host[offset : offset + n * width].view(n, width).long(),
+                                    host[offset + n * width : offset + 2 * n * width].view(n, width).float())
+                offset += 2 * n * width
+            verdict = read_verdict(blocks[i], values, call.params, proposal, logits[i])
+            synced[i][0].crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
+            verdicts[i] = verdict
         return verdicts
-
-    def _forward_batch(self, token_lists: list[list[int]], caches: list[KVCache], num_logits: list[int]):
-        self.stats.forward_tokens += sum(len(t) for t in token_lists)
-        # sampling and verification run on the CPU: seeded CPU generators give the same tokens on every device
-        return [rows.to("cpu") for rows in self.stack.forward_batch(token_lists, caches, num_logits)]
 
     def _sync(self, generation_id: str, committed: list[int]) -> tuple[KVCache, list[int]]:
         """The generation's cache, rolled back to what it shares with ``committed``, and the
@@ -305,6 +381,14 @@ class TierRunner:
         keep = min(cache.common_prefix(committed), len(committed) - 1)
         cache.crop(keep)
         return cache, list(committed[keep:])
+
+
+def _cut(token_probs: list[float], stop_threshold: float) -> int:
+    """Length of a block that ends after its first token below ``stop_threshold``."""
+    for n, p in enumerate(token_probs, 1):
+        if p < stop_threshold:
+            return n
+    return len(token_probs)
 
 
 def _by_unique_generation(calls: list, run) -> list:

@@ -21,6 +21,7 @@ from via_sd_ray.models.runner import TierRunner
 from via_sd_ray.models.sharded import ShardedStack, ShardGroup, ShardLauncher, ShardSpec
 
 TIERS = ("drafter", "slim", "full")
+VOCAB_PADDING = 512  # most rows a verifier's LM head may have beyond its drafter's (padding for kernels)
 DEFAULT_SLOT_TOKENS = 8192  # kv_slot_tokens when unset, unless the context window is shorter
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ class TextInfo:
 
 def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None = None,
          linear_kernel: str | None = None):
+    """``device``: where to load it, when that is not where it runs (``cfg.device``; dtype is chosen for that)."""
+    target = resolve_device(cfg.device)
     return load_model(resolve(cfg.source, cfg.revision), cfg.dtype, layers=layers,
                       attn_implementation=cfg.attn_implementation, quantization=cfg.quantization,
-                      device=device or resolve_device(cfg.device), linear_kernel=linear_kernel or cfg.linear_kernel)
+                      device=device or target, linear_kernel=linear_kernel or cfg.linear_kernel, dtype_device=target)
 
 
 def verifier_stacks(config: EngineConfig, stacks: dict[str, list[int] | None], load_layers: list[int] | None = None,
@@ -104,7 +107,9 @@ def _free_port() -> int:
 
 
 def resolve_device(name: str) -> str:
-    """``auto``: the first visible GPU (Ray sets CUDA_VISIBLE_DEVICES per replica), else the CPU."""
+    """``auto`` outside a scheduler: the first visible GPU, else the CPU. A Ray replica's ``auto`` is
+    decided by the accelerators Ray assigned it, before this (``placed``): Ray no longer hides the GPUs
+    from an actor that asked for none."""
     import torch
 
     if name == "auto":
@@ -115,16 +120,43 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def placed(config: EngineConfig, accelerator_ids: list | None) -> EngineConfig:
+    """``config`` with every ``device: auto`` made ``assigned_device(accelerator_ids)``."""
+    models = {name: placed_model(getattr(config.models, name), accelerator_ids) for name in ("drafter", "verifier")}
+    return config.model_copy(update={"models": config.models.model_copy(update=models)})
+
+
+def placed_model(cfg: ModelConfig, accelerator_ids: list | None) -> ModelConfig:
+    if cfg.device != "auto" or accelerator_ids is None:
+        return cfg
+    return cfg.model_copy(update={"device": assigned_device(accelerator_ids)})
+
+
+def assigned_device(accelerator_ids: list) -> str:
+    """The device of the GPU ids a scheduler (Ray: ``ray.get_gpu_ids()``) assigned this process: none ->
+    cpu, even where CUDA sees GPUs; some -> the first of them (``cuda:0`` when the scheduler narrowed
+    CUDA_VISIBLE_DEVICES to them, as Ray does, else ``cuda:<id>``)."""
+    import os
+
+    if not accelerator_ids:
+        return "cpu"
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") not in (None, "", "0"):
+        return f"cuda:{int(accelerator_ids[0])}"
+    return "cuda:0"
+
+
 def build_drafter(config: EngineConfig, verifier_vocab: int) -> TierRunner | PromptLookupDrafter:
     cfg = config.models.drafter
     if cfg.source == PROMPT_LOOKUP:
         return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram)
     model = load(cfg)
     vocab = model.get_output_embeddings().out_features
-    if vocab != verifier_vocab:
+    # the same tokenizer, the verifier's head padded further (Qwen2.5-Coder 0.5B / 1.5B: 151,936 rows; 7B / 32B:
+    # 152,064): the drafter never proposes the padding
+    if not verifier_vocab - VOCAB_PADDING <= vocab <= verifier_vocab:
         raise ConfigError(
-            f"models.drafter.source: expected a model with the verifier's vocabulary ({verifier_vocab} tokens), "
-            f"received {cfg.source!r} with {vocab}"
+            f"models.drafter.source: expected a model with the verifier's vocabulary ({verifier_vocab} tokens, or "
+            f"up to {VOCAB_PADDING} fewer of padding), received {cfg.source!r} with {vocab}"
         )
     return tier_runner(DecoderStack(model), config, "drafter")
 
@@ -148,7 +180,8 @@ def tier_runner(stack: DecoderStack, config: EngineConfig, name: str) -> TierRun
     serving = config.serving
     pool = kv_pool(stack, serving, config.limits.max_cache_bytes)
     log.info("%s tier: KV pool of %s on %s", name, pool.describe(), stack.device)
-    return TierRunner(stack, pool, name, serving.prefill_chunk_tokens, serving.prefix_min_tokens)
+    return TierRunner(stack, pool, name, serving.prefill_chunk_tokens, serving.prefix_min_tokens,
+                      serving.proposal_top_k)
 
 
 def build_tier(config: EngineConfig, tier: str, launcher: ShardLauncher | None = None

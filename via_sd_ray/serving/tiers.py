@@ -43,10 +43,12 @@ class TierServer:
                  warm_up: bool | None = None):
         """``warm_up``: run the warm-up call at the end of the start (None: only for a runner built here;
         an injected runner is the caller's)."""
-        from via_sd_ray.models.tiers import build_tier
-        from via_sd_ray.serving.tp_workers import shard_launcher
+        from via_sd_ray.models.tiers import build_tier, placed
+        from via_sd_ray.serving.tp_workers import accelerator_ids, shard_launcher
 
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
+        if runner is None:  # device: auto is the GPU Ray gave this replica, or the CPU
+            self.config = placed(self.config, accelerator_ids())
         if self.config.threads:
             import torch
 

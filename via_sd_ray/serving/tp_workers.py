@@ -11,6 +11,8 @@ retries carry the calls over (the new replica rebuilds the KV caches from token 
 
 from __future__ import annotations
 
+import dataclasses
+
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
@@ -19,6 +21,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from via_sd_ray.config import EngineConfig
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models.sharded import ShardCall, ShardFailure, ShardSpec, ShardWorker
+
+
+def accelerator_ids() -> list | None:
+    """The GPU ids Ray assigned this process (empty: none), or None outside a Ray worker."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # a driver, not a worker
+        return None
+
 
 VERIFIER_DEPLOYMENTS = {"slim": "SlimVerifier", "full": "FullVerifier"}
 PING_TIMEOUT_S = 5.0  # a ping not back by then is a worker busy with a pass, not a dead one
@@ -29,8 +42,9 @@ class _ShardActor:
     """Rank ``rank`` of a group: builds its shard (joining the group), then runs rank 0's calls in order."""
 
     def __init__(self, spec: ShardSpec, rank: int):
-        from via_sd_ray.models.tiers import build_shard
+        from via_sd_ray.models.tiers import build_shard, placed_model
 
+        spec = dataclasses.replace(spec, model=placed_model(spec.model, accelerator_ids()))
         self.worker = ShardWorker(build_shard(spec, rank))
 
     def ready(self) -> bool:

@@ -1,0 +1,63 @@
+"""Time one tier call on tiny models (2 layers, hidden 64: overhead-bound, as a GPU is at batch 1).
+
+Runs against whichever via_sd_ray is importable, so the same file times two trees side by side:
+
+    python scripts/bench_tier_call.py                      # this tree
+    PYTHONPATH=/path/to/other/tree python scripts/bench_tier_call.py
+
+Prints per-call milliseconds (median of repeats) of a draft call (k=4) and a verify call (block of 4),
+greedy and at temperature 1, each after a rollback to the same committed tokens, as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+import via_sd_ray
+from via_sd_ray.core.engine import DraftCall, VerifyCall
+from via_sd_ray.core.policy import Tier
+from via_sd_ray.core.sampling import SamplingParams
+from via_sd_ray.models.decoder import DecoderStack, keep_layers
+from via_sd_ray.models.runner import TierRunner
+from via_sd_ray.models.tiny import tiny_model
+
+torch.set_num_threads(1)
+PROMPT = list(range(10, 74))  # 64 committed tokens
+REPEAT, ROUNDS = 200, 5
+
+
+def runner(name: str) -> TierRunner:
+    return TierRunner(DecoderStack(keep_layers(tiny_model(name), [0, 1])))
+
+
+def per_call_ms(fn) -> float:
+    for _ in range(20):
+        fn()
+    rounds = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(REPEAT):
+            fn()
+        rounds.append((time.perf_counter() - start) / REPEAT * 1e3)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    drafter, full = runner("drafter"), runner("verifier")
+    out = {"tree": via_sd_ray.__file__}
+    for label, params in (("greedy", SamplingParams(max_tokens=64)),
+                          ("sampled", SamplingParams(max_tokens=64, temperature=1.0))):
+        draft_call = DraftCall("g", PROMPT, 4, params, seed=1)
+        draft = drafter.draft(draft_call)
+        verify_call = VerifyCall(Tier.FULL, "g", PROMPT, draft.tokens, params, seed=2, draft_probs=draft.probs)
+        out[f"draft_k4_{label}_ms"] = per_call_ms(lambda: drafter.draft(draft_call))
+        out[f"verify_k4_{label}_ms"] = per_call_ms(lambda: full.verify(verify_call))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
