@@ -74,12 +74,12 @@ class VerifierConfig(ModelConfig):
         if self.engine == "deepspeed" and self.dtype == "float64":
             raise ValueError("dtype: expected float32, bfloat16 or float16 with engine 'deepspeed' (DeepSpeed "
                              "inference takes no float64), received 'float64'")
-        if self.engine == "deepspeed" and self.quantization != "none":
-            raise ValueError(f"quantization: expected 'none' with engine 'deepspeed' (DeepSpeed loads on the host and "
-                             f"moves nn.Linear shards to the GPU), received {self.quantization!r}")
         if self.tensor_parallel_size > 1 and self.quantization != "none":
             raise ValueError(f"quantization: expected 'none' with tensor_parallel_size > 1 (AutoTP shards "
                              f"nn.Linear layers only), received {self.quantization!r}")
+        if self.engine == "deepspeed" and self.quantization != "none":
+            raise ValueError(f"quantization: expected 'none' with engine 'deepspeed' (DeepSpeed loads on the host and "
+                             f"moves nn.Linear shards to the GPU), received {self.quantization!r}")
         return self
 
 

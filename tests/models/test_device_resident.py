@@ -82,6 +82,8 @@ def test_an_early_stop_decided_on_the_host_or_after_the_block_gives_the_same_blo
         # the cache holds what the block ran, however many positions were drafted past its stop
         assert on_device.caches[call.generation_id].token_ids == call.committed + a.tokens[:-1]
         assert on_device.caches[call.generation_id].token_ids == on_host.caches[call.generation_id].token_ids
+        on_device.release(call.generation_id)
+        on_host.release(call.generation_id)
 
 
 def test_sampled_sd_through_runners_commits_tokens_distributed_as_the_full_model(models):
@@ -113,5 +115,5 @@ def test_sampled_sd_through_runners_commits_tokens_distributed_as_the_full_model
     second = [c[1] for c in pairs if c[0] == head]
     p1 = warp(stack.forward_batch([PROMPT + [head]], [stack.new_cache()], [1])[0], params)[0]
     support1 = p1.nonzero().flatten().tolist()
-    assert len(second) > 500
+    assert len(second) > 300
     assert tv_distance(empirical([support1.index(t) for t in second], 8), p1[support1]) < tv_bound(8, len(second))

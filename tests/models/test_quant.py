@@ -58,9 +58,9 @@ def test_torchao_int8_model_equals_its_dequantized_reference_and_keeps_greedy_to
     from via_sd_ray.models.quant import quantize_torchao
     from via_sd_ray.models.tiny import tiny_model
 
-    model = tiny_model("verifier", dtype=torch.bfloat16)
+    model = tiny_model("verifier")  # float32: the de-quantized reference holds the int8 weights exactly
     quantize_torchao(model, "int8-weight-only")
-    reference = tiny_model("verifier", dtype=torch.bfloat16)
+    reference = tiny_model("verifier")
     with torch.no_grad():  # the same int8 weights, de-quantized once into plain linear layers
         for (name, q), (_, ref) in zip(model.named_modules(), reference.named_modules()):
             if isinstance(ref, nn.Linear):
@@ -68,7 +68,7 @@ def test_torchao_int8_model_equals_its_dequantized_reference_and_keeps_greedy_to
     ids = torch.tensor([[5, 17, 42, 9, 3]])
     with torch.no_grad():
         got, want = model(ids).logits.float(), reference(ids).logits.float()
-    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
     greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert model.generate(ids, **greedy).tolist() == reference.generate(ids, **greedy).tolist()
 

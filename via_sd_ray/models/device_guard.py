@@ -5,7 +5,7 @@ free and a tensor built without ``device=`` lands in the right place by luck: bo
 CPU run never shows. ``HostTransfers`` makes them visible. It tags the stack's weights and KV pool
 as device tensors, propagates the tag to every tensor computed from them, and counts each read of
 a tagged tensor back to the host (``.cpu()``, ``.tolist()``, ``.item()``, ``int()`` / ``float()`` /
-``bool()``, ``.numpy()``, ``.to("cpu")``). It also records every tensor factory call made by
+``bool()``, ``.numpy()``, and ``.to("cpu")`` in via-sd-ray's code). It also records every tensor factory call made by
 via-sd-ray's own code without a ``device`` (``torch.tensor``, ``torch.arange``, ``torch.zeros``, ...).
 
 The tier tests run calls under it and require one transfer per call and no device-less factory;
@@ -56,7 +56,9 @@ class HostTransfers(TorchFunctionMode):
         inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         tagged = any(getattr(x, _TAG, False) for x in inputs)
         out = func(*args, **kwargs)
-        to_host = func in _READS or (func is torch.Tensor.to and _to_cpu(args, kwargs))
+        # .to(the host) read as a transfer only from via-sd-ray's code: transformers' .to(x.device) goes to the
+        # device wherever the model runs (the host, in a CPU run)
+        to_host = func in _READS or (func is torch.Tensor.to and _to_cpu(args, kwargs) and _our_caller() is not None)
         if tagged and to_host:
             self.transfers.append(getattr(func, "__name__", str(func)))
         for x in tree_flatten(out)[0]:
