@@ -34,7 +34,6 @@ import itertools
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from via_sd_ray.core.simulate import Costs, SimResult, Trace, simulate
 from via_sd_ray.data import load_prompts
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models.decoder import DecoderStack
-from via_sd_ray.models.kv_cache import synchronize
+from via_sd_ray.models.kv_cache import median_seconds
 from via_sd_ray.models.local import LocalEngine
 
 DIRECT = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
@@ -232,19 +231,6 @@ def _norm_cdf(z):
     return 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
 
 
-def _timed(fn, device, repeat: int = 9) -> float:
-    """Median seconds of ``fn`` after one warm-up run, each timing synchronized with ``device``."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def measure_costs(engine: LocalEngine, context: list[int], block_size: int) -> dict:
     """Seconds per AR step, draft token, full call, and the slim call's fit a + b * layers."""
     full = engine.full.stack
@@ -263,10 +249,10 @@ def measure_costs(engine: LocalEngine, context: list[int], block_size: int) -> d
         stack(context, caches[name], 1)
     block = context[-(block_size + 1):]
     behind = context[-(block_size + 9):]  # the same block after 8 tokens of catch-up
-    t_ar = _timed(step(full, caches["full"], block[:1]), full.device)
-    t_full = _timed(step(full, caches["full"], block), full.device)
-    t_behind = _timed(step(full, caches["full"], behind), full.device)
-    t_half = _timed(step(half, caches["half"], block), full.device)
+    t_ar = median_seconds(step(full, caches["full"], block[:1]), full.device, repeat=9)
+    t_full = median_seconds(step(full, caches["full"], block), full.device, repeat=9)
+    t_behind = median_seconds(step(full, caches["full"], behind), full.device, repeat=9)
+    t_half = median_seconds(step(half, caches["half"], block), full.device, repeat=9)
     slope = (t_full - t_half) / (n_layers - len(half.layers))
     result = {"ar_step_s": t_ar, "full_call_s": t_full, "slim_fixed_s": t_full - slope * n_layers,
               "slim_per_layer_s": slope, "catch_up_token_s": max(0.0, (t_behind - t_full) / 8)}
@@ -274,7 +260,7 @@ def measure_costs(engine: LocalEngine, context: list[int], block_size: int) -> d
     if drafter is not None:
         cache = drafter.new_cache(len(context) + 64)
         drafter(context, cache, 1)
-        result["draft_token_s"] = _timed(step(drafter, cache, block[:1]), drafter.device)
+        result["draft_token_s"] = median_seconds(step(drafter, cache, block[:1]), drafter.device, repeat=9)
     else:
         result["draft_token_s"] = 0.0
     return result

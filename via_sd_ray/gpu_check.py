@@ -31,7 +31,7 @@ from via_sd_ray.core.policy import Tier
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.device_guard import HostTransfers
-from via_sd_ray.models.kv_cache import free_device_bytes, synchronize
+from via_sd_ray.models.kv_cache import free_device_bytes, median_seconds
 from via_sd_ray.models.loading import torch_dtype
 from via_sd_ray.models.local import LocalEngine
 
@@ -56,6 +56,7 @@ SHAPES = {
 PAIRS = {"real": [("qwen2.5-coder-0.5b", "qwen2.5-coder-7b"), ("qwen2.5-coder-0.5b", "qwen2.5-coder-32b")],
          "tiny": [("tiny-drafter", "tiny-verifier")]}
 BLOCK = 4  # the block length of the sd / via-sd runs
+REPEAT = 5  # timed runs per cost (median)
 
 
 class _IdTokenizer:
@@ -103,41 +104,29 @@ def fit_layers(pair: tuple[str, str], device: str, dtype: torch.dtype, layers: i
     return {"drafter": drafter["num_hidden_layers"], "verifier": min(want, room, verifier["num_hidden_layers"])}
 
 
-def timed(fn, device, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     full, drafter = engine.full.stack, engine.drafter.stack
     n_layers = len(full.layers)
 
-    def step(stack, tokens):
+    def cost(stack, tokens) -> float:
+        """Seconds of one pass of ``tokens`` after the prefilled ``context``."""
         cache = stack.new_cache(len(context) + 64)
         stack(context, cache, 1)
 
         def run():
             cache.crop(len(context))
             stack(tokens, cache, 1)
-        return run
+        return median_seconds(run, device, REPEAT)
 
     block = context[-(BLOCK + 1):]
-    costs = {"draft_token_s": timed(step(drafter, block[:1]), device),
-             "ar_step_s": timed(step(full, block[:1]), device),
-             "full_call_s": {k: timed(step(full, context[-(k + 1):]), device) for k in (1, 2, 4, 8)}}
+    costs = {"draft_token_s": cost(drafter, block[:1]), "ar_step_s": cost(full, block[:1]),
+             "full_call_s": {k: cost(full, context[-(k + 1):]) for k in (1, 2, 4, 8)}}
     slim = {}
     for count in sorted({max(1, n_layers * f // 4) for f in (1, 2, 3)}):
         layers = [round(i * (n_layers - 1) / max(1, count - 1)) for i in range(count)] if count > 1 else [0]
-        slim[count] = timed(step(DecoderStack(engine.verifier_model, sorted(set(layers))), block), device)
+        slim[count] = cost(DecoderStack(engine.verifier_model, sorted(set(layers))), block)
     costs["slim_call_s_by_layers"] = slim
-    behind = timed(step(full, context[-(BLOCK + 9):]), device)
+    behind = cost(full, context[-(BLOCK + 9):])
     costs["catch_up_token_s"] = max(0.0, (behind - costs["full_call_s"][BLOCK]) / 8)
     costs["drafter_over_verifier"] = costs["draft_token_s"] / costs["ar_step_s"]
     for alpha in (0.6, 0.8):  # expected tokens per block over its cost, at per-token acceptance alpha
@@ -251,7 +240,7 @@ def run_gpu_check(args) -> dict:
     record["seconds"] = time.perf_counter() - started
     record["ok"] = all(p["greedy_sd_equals_ar"] and all(t == {"transfers": 1, "deviceless": []}
                                                         for t in p["transfers_per_call"].values())
-                       and p["transfers_per_call"]["drafter"]["transfers"] == 1 for p in record["pairs"])
+                       for p in record["pairs"])
     log(f"gpu-check {'passed' if record['ok'] else 'FAILED'} in {record['seconds']:.0f} s")
     text = json.dumps(record, indent=2, default=str)
     if args.json_out:

@@ -160,6 +160,22 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_seconds(fn, device: torch.device | str, repeat: int) -> float:
+    """Median seconds of ``repeat`` runs of ``fn`` after one warm-up run, each synchronized with ``device``."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def free_device_bytes(device: torch.device | str) -> int:
     """Memory free on ``device`` now: the GPU's (``torch.cuda.mem_get_info``), or the host's available RAM."""
     device = torch.device(device)

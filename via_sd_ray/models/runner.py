@@ -296,31 +296,23 @@ class TierRunner:
                      ) -> dict[int, tuple[Draft, list[int]]]:
         """The drafts of ``picked`` (per row, a [2] device tensor per position) read back in one transfer,
         each with the tokens that ran through the stack (all drafted tokens but the last)."""
-        if not picked:
-            return {}
-        order = list(picked)
-        parts = [torch.stack(picked[i]).flatten() for i in order]
-        props = {i: Proposal.cat(proposals[i]) for i in order if proposals[i]}
-        for i in order:
+        back = _ReadBack()
+        props = {i: Proposal.cat(proposals[i]) for i in picked if proposals[i]}
+        for i in picked:
+            back.add(torch.stack(picked[i]))
             if i in props:
-                parts += [props[i].ids.flatten().double(), props[i].probs.flatten().double()]
-        host = torch.cat(parts).cpu()  # the one device -> host transfer of the call
-        drafts, offset = {}, 0
-        for i in order:
+                back.add_proposal(props[i])
+        back.fetch()
+        drafts = {}
+        for i in picked:
             n = len(picked[i])
-            values = host[offset : offset + 2 * n].view(n, 2)
-            offset += 2 * n
+            values = back.take(2 * n).view(n, 2)
             tokens, token_probs = [int(t) for t in values[:, 0].tolist()], values[:, 1].tolist()
             keep = _cut(token_probs, calls[i].stop_threshold)
-            drafts[i] = (Draft(tokens[:keep], token_probs[:keep]), tokens[: n - 1])
-        for i in order:
+            draft = Draft(tokens[:keep], token_probs[:keep])
             if i in props:
-                n, width = props[i].ids.shape
-                ids = host[offset : offset + n * width].view(n, width).long()
-                probs = host[offset + n * width : offset + 2 * n * width].view(n, width).float()
-                offset += 2 * n * width
-                draft = drafts[i][0]
-                draft.probs = Proposal(ids, probs)[: len(draft.tokens)]
+                draft.probs = back.take_proposal(props[i])[:keep]
+            drafts[i] = (draft, tokens[: n - 1])
         return drafts
 
     def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict | Pending]:
@@ -334,30 +326,23 @@ class TierRunner:
         self.stats.forward_tokens += sum(len(r) for r in rows)
         self.stats.prefill_chunks += sum(chunked)
         done = [i for i in range(len(calls)) if not chunked[i]]  # a prefill chunk ran for the others: no logits
-        packed, proposals = [], {}
+        back, proposals = _ReadBack(), {}
         for i in done:
             call = calls[i]
             gen = None if call.params.greedy else generator(call.seed)
             flat, proposal = verify_on_device(blocks[i], logits[i], call.params, call.draft_probs, gen,
                                               call.return_probs, call.suppress_ids, call.suppress_rows,
                                               self.proposal_top_k)
-            packed.append(flat)
+            back.add(flat)
             if proposal is not None:
                 proposals[i] = proposal
-                packed += [proposal.ids.flatten().double(), proposal.probs.flatten().double()]
-        host = torch.cat(packed).cpu() if packed else None  # the one device -> host transfer of the call
+                back.add_proposal(proposal)
+        back.fetch()
         verdicts: list[Verdict | Pending] = [PENDING] * len(calls)
-        offset = 0
         for i in done:
-            call, k = calls[i], len(blocks[i])
-            values = host[offset : offset + k + 3].tolist()
-            offset += k + 3
-            proposal = None
-            if i in proposals:
-                n, width = proposals[i].ids.shape
-                proposal = Proposal(host[offset : offset + n * width].view(n, width).long(),
-                                    host[offset + n * width : offset + 2 * n * width].view(n, width).float())
-                offset += 2 * n * width
+            call = calls[i]
+            values = back.take(len(blocks[i]) + 3).tolist()
+            proposal = back.take_proposal(proposals[i]) if i in proposals else None
             verdict = read_verdict(blocks[i], values, call.params, proposal, logits[i])
             synced[i][0].crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
             verdicts[i] = verdict
@@ -381,6 +366,37 @@ class TierRunner:
         keep = min(cache.common_prefix(committed), len(committed) - 1)
         cache.crop(keep)
         return cache, list(committed[keep:])
+
+
+class _ReadBack:
+    """Device tensors of one tier call gathered for its one device -> host transfer (``fetch``), then
+    taken back on the host in the order they were added."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.host: torch.Tensor | None = None
+        self.offset = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.parts.append(tensor.flatten().double())  # float64 holds token ids exactly
+
+    def add_proposal(self, proposal: Proposal) -> None:
+        self.add(proposal.ids)
+        self.add(proposal.probs)
+
+    def fetch(self) -> None:
+        if self.parts:
+            self.host = torch.cat(self.parts).cpu()  # the one device -> host transfer of the call
+
+    def take(self, n: int) -> torch.Tensor:
+        out = self.host[self.offset : self.offset + n]
+        self.offset += n
+        return out
+
+    def take_proposal(self, like: Proposal) -> Proposal:
+        """A proposal shaped as ``like`` (the device one that was added)."""
+        n, width = like.ids.shape
+        return Proposal(self.take(n * width).view(n, width).long(), self.take(n * width).view(n, width).float())
 
 
 def _cut(token_probs: list[float], stop_threshold: float) -> int:
