@@ -3,6 +3,7 @@
 Runs against whichever via_sd_ray is importable, so the same file times two trees side by side:
 
     python scripts/bench_tier_call.py                      # this tree
+    python scripts/bench_tier_call.py --compile            # this tree, compiled passes (compile: on)
     PYTHONPATH=/path/to/other/tree python scripts/bench_tier_call.py
 
 Prints per-call milliseconds (median of repeats) of a draft call (k=4) and a verify call (block of 4),
@@ -11,6 +12,7 @@ greedy and at temperature 1, each after a rollback to the same committed tokens,
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -30,8 +32,12 @@ PROMPT = list(range(10, 74))  # 64 committed tokens
 REPEAT, ROUNDS = 200, 5
 
 
-def runner(name: str) -> TierRunner:
-    return TierRunner(DecoderStack(keep_layers(tiny_model(name), [0, 1])))
+def runner(name: str, compiled: bool) -> TierRunner:
+    stack = DecoderStack(keep_layers(tiny_model(name), [0, 1]))
+    pool = stack.new_pool(2, 256)  # as a served tier runs: caches in pool slots
+    if compiled:
+        stack.compile(pool, max_rows=1)
+    return TierRunner(stack, pool)
 
 
 def per_call_ms(fn) -> float:
@@ -47,8 +53,11 @@ def per_call_ms(fn) -> float:
 
 
 def main() -> None:
-    drafter, full = runner("drafter"), runner("verifier")
-    out = {"tree": via_sd_ray.__file__}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="compiled passes (this tree's compile: on)")
+    args = parser.parse_args()
+    drafter, full = runner("drafter", args.compile), runner("verifier", args.compile)
+    out = {"tree": via_sd_ray.__file__, "compiled": args.compile}
     for label, params in (("greedy", SamplingParams(max_tokens=64)),
                           ("sampled", SamplingParams(max_tokens=64, temperature=1.0))):
         draft_call = DraftCall("g", PROMPT, 4, params, seed=1)

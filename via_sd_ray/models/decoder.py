@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models.kv_cache import KVCache, KVPool
+from via_sd_ray.models.step import CompiledStep
 
 # Architectures whose decoder layers take (hidden, attention_mask, position_ids,
 # past_key_values, position_embeddings) and whose model adds nothing between them.
@@ -53,6 +54,7 @@ class DecoderStack(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = num_kv_heads or config.num_key_value_heads
         self.max_context = config.max_position_embeddings
+        self.compiled: CompiledStep | None = None  # the compiled pass over a pool (``compile``), else eager
         _use_packed_attention(lm)
 
     @property
@@ -77,6 +79,12 @@ class DecoderStack(nn.Module):
     def pool_cache(self, pool: KVPool, slot: int) -> KVCache:
         return pool.cache(slot)
 
+    def compile(self, pool: KVPool, max_rows: int, warm_up: bool = True) -> float:
+        """Run passes over ``pool``'s slots of up to ``CompiledStep.max_tokens`` tokens per row as one compiled
+        graph (see ``models/step.py``); returns the seconds warm-up took."""
+        self.compiled = CompiledStep(self, pool)
+        return self.compiled.warm_up(max_rows) if warm_up else 0.0
+
     def forward(self, token_ids: list[int], cache: KVCache, num_logits: int) -> torch.Tensor:
         """Run ``token_ids`` after what ``cache`` holds; return float32 logits [num_logits, V] of the last
         ``num_logits`` positions. The cache then holds ``token_ids`` too."""
@@ -100,6 +108,11 @@ class DecoderStack(nn.Module):
         if longest > self.max_context:
             raise ValueError(f"sequence of {longest} tokens exceeds the context window of {self.max_context}")
         starts = [cache.begin(n) for cache, n in zip(caches, lengths)]
+        if self.compiled is not None and self.compiled.accepts(caches, lengths):
+            logits = self.compiled.run(token_lists, caches, starts, lengths)  # [B, T, V]
+            for cache, tokens in zip(caches, token_lists):
+                cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
+            return [logits[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits))]
         ids = torch.cat([t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.long, device=device)
                          for t in token_lists])[None]  # [1, N]: the rows packed
         positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])[None]

@@ -36,6 +36,8 @@ class KVCache:
         self.data = torch.empty(self.shape, dtype=dtype, device=device) if data is None else data
         self.token_ids: list[int] = []
         self._write_at = 0  # where the forward pass in progress writes
+        self.pool: KVPool | None = None  # the pool whose slot ``slot`` this cache is (None: own storage)
+        self.slot = -1
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -127,7 +129,9 @@ class KVPool:
         self.layer_ids = list(layer_ids)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.slot_tokens = slot_tokens
-        self.data = torch.empty((len(layer_ids), 2, slots, num_kv_heads, slot_tokens, head_dim),
+        # zeros, not empty: a compiled pass attends over whole slots under a mask, and a masked NaN of
+        # uninitialized memory would still poison its row (0 * NaN)
+        self.data = torch.zeros((len(layer_ids), 2, slots, num_kv_heads, slot_tokens, head_dim),
                                 dtype=dtype, device=device)  # [L, k|v, slots, H, T, D]
 
     @property
@@ -140,8 +144,10 @@ class KVPool:
 
     def cache(self, slot: int) -> KVCache:
         """An empty cache over slot ``slot`` (its storage is the pool's: [L, 2, 1, H, T, D])."""
-        return KVCache(self.layer_ids, self.num_kv_heads, self.head_dim, self.data.dtype, self.data.device,
-                       self.slot_tokens, data=self.data[:, :, slot : slot + 1])
+        cache = KVCache(self.layer_ids, self.num_kv_heads, self.head_dim, self.data.dtype, self.data.device,
+                        self.slot_tokens, data=self.data[:, :, slot : slot + 1])
+        cache.pool, cache.slot = self, slot
+        return cache
 
     def describe(self) -> str:
         return f"{self.slots} slots x {self.slot_tokens} tokens ({self.nbytes / 2**20:.0f} MiB)"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig, ModelConfig, ServingConfig
 from via_sd_ray.core.ngram import PromptLookupDrafter
 from via_sd_ray.errors import ConfigError
-from via_sd_ray.models import ds_engine
+from via_sd_ray.models import ds_engine, step
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.kv_cache import KVPool, bytes_per_token, free_device_bytes
 from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve
@@ -176,12 +176,26 @@ def kv_pool(stack: DecoderStack, serving: ServingConfig, budget: int | None = No
 
 
 def tier_runner(stack: DecoderStack, config: EngineConfig, name: str) -> TierRunner:
-    """A runner over ``stack`` with its KV pool, chunked prefill and prefix reuse as configured."""
+    """A runner over ``stack`` with its KV pool, chunked prefill, prefix reuse and compiled passes as configured."""
     serving = config.serving
     pool = kv_pool(stack, serving, config.limits.max_cache_bytes)
     log.info("%s tier: KV pool of %s on %s", name, pool.describe(), stack.device)
+    model = config.models.drafter if name == "drafter" else config.models.verifier
+    if compiled(model.compile, stack, name):
+        seconds = stack.compile(pool, max_rows=min(serving.batch_size, pool.slots))
+        log.info("%s tier: compiled passes warmed up in %.1f s", name, seconds)
     return TierRunner(stack, pool, name, serving.prefill_chunk_tokens, serving.prefix_min_tokens,
                       serving.proposal_top_k)
+
+
+def compiled(setting: str, stack: DecoderStack, name: str) -> bool:
+    """Whether a tier's stack runs compiled: ``compile`` on, or auto on CUDA; a stack that cannot be compiled
+    (tensor parallel) runs eagerly under auto and is a config error under on."""
+    reason = step.unsupported(stack)
+    if setting == "on" and reason:
+        raise ConfigError(f"models.{'drafter' if name == 'drafter' else 'verifier'}.compile: expected 'auto' or "
+                          f"'off' for the {name} tier, received 'on' ({reason})")
+    return reason is None and (setting == "on" or setting == "auto" and stack.device.type == "cuda")
 
 
 def build_tier(config: EngineConfig, tier: str, launcher: ShardLauncher | None = None
