@@ -153,6 +153,7 @@ def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["ok"] and record["device"] == "cpu"
     (pair,) = record["pairs"]
+    assert pair["compiled"] == {"drafter": False, "slim": False, "full": False}  # auto on a CPU
     assert pair["greedy_sd_equals_ar"]
     assert pair["transfers_per_call"] == {"drafter": {"transfers": 1, "deviceless": []},
                                           "full": {"transfers": 1, "deviceless": []}}

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--shapes", default="real", choices=["real", "tiny"],
                     help="real: 0.5B drafter with 7B and 32B verifiers; tiny: 2-4 layer models (CPU smoke run)")
     gc.add_argument("--layers", type=int, default=None, help="truncate the verifier to this many layers")
+    gc.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="models.*.compile of the tiers (auto: compiled passes and CUDA graphs on CUDA)")
     gc.add_argument("--max-tokens", type=int, default=64)
     gc.add_argument("--prompt-tokens", type=int, default=128)
     gc.add_argument("--json", dest="json_out", default=None, help="write the record here")

@@ -109,8 +109,9 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     n_layers = len(full.layers)
 
     def cost(stack, tokens) -> float:
-        """Seconds of one pass of ``tokens`` after the prefilled ``context``."""
-        cache = stack.new_cache(len(context) + 64)
+        """Seconds of one pass of ``tokens`` after the prefilled ``context`` (compiled where the tier is: in a
+        slot of its pool that no generation holds now)."""
+        cache = stack.compiled.pool.cache(0) if stack.compiled else stack.new_cache(len(context) + 64)
         stack(context, cache, 1)
 
         def run():
@@ -121,11 +122,15 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     block = context[-(BLOCK + 1):]
     costs = {"draft_token_s": cost(drafter, block[:1]), "ar_step_s": cost(full, block[:1]),
              "full_call_s": {k: cost(full, context[-(k + 1):]) for k in (1, 2, 4, 8)}}
-    slim = {}
+    slim = {}  # eager stacks made for the measurement (compiling each would take minutes): see full_call_eager_s
     for count in sorted({max(1, n_layers * f // 4) for f in (1, 2, 3)}):
         layers = [round(i * (n_layers - 1) / max(1, count - 1)) for i in range(count)] if count > 1 else [0]
         slim[count] = cost(DecoderStack(engine.verifier_model, sorted(set(layers))), block)
     costs["slim_call_s_by_layers"] = slim
+    if full.compiled:
+        compiled, full.compiled = full.compiled, None
+        costs["full_call_eager_s"] = cost(full, block)
+        full.compiled = compiled
     behind = cost(full, context[-(BLOCK + 9):])
     costs["catch_up_token_s"] = max(0.0, (behind - costs["full_call_s"][BLOCK]) / 8)
     costs["drafter_over_verifier"] = costs["draft_token_s"] / costs["ar_step_s"]
@@ -138,7 +143,18 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
 
 
 def transfers_of_a_call(engine: LocalEngine, context: list[int]) -> dict:
+    """Device -> host transfers of a sampled draft and verify call, counted on the eager passes (the guard's
+    dispatch mode cannot run inside a compiled graph; a compiled pass makes no transfer of its own)."""
     params = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    compiled = engine.drafter.stack.compiled, engine.full.stack.compiled
+    engine.drafter.stack.compiled = engine.full.stack.compiled = None
+    try:
+        return _transfers(engine, context, params)
+    finally:
+        engine.drafter.stack.compiled, engine.full.stack.compiled = compiled
+
+
+def _transfers(engine: LocalEngine, context: list[int], params: SamplingParams) -> dict:
     with HostTransfers([engine.drafter.stack, engine.drafter.pool.data]) as guard:
         draft = engine.drafter.draft(DraftCall("transfers", context, BLOCK, params, seed=1))
     drafter = {"transfers": len(guard.transfers), "deviceless": guard.deviceless}
@@ -173,7 +189,8 @@ def generation_runs(engine: LocalEngine, prompts: list[list[int]], tokens: int) 
             "greedy_sd_equals_ar": greedy_tokens["sd"] == greedy_tokens["ar"]}
 
 
-def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: int, prompt_tokens: int) -> dict:
+def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: int, prompt_tokens: int,
+               compile_setting: str = "auto") -> dict:
     dtype = torch_dtype("auto", device)
     plan = fit_layers(pair, device, dtype, layers)
     full_layers = SHAPES[pair[1]]["num_hidden_layers"]
@@ -183,8 +200,8 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
         torch.cuda.reset_peak_memory_stats(device)
     slim = list(range(0, plan["verifier"], 2))  # every other layer
     config = parse_config({
-        "models": {"drafter": {"source": "tiny-random:drafter", "device": device},
-                   "verifier": {"source": "tiny-random:verifier", "device": device}},
+        "models": {"drafter": {"source": "tiny-random:drafter", "device": device, "compile": compile_setting},
+                   "verifier": {"source": "tiny-random:verifier", "device": device, "compile": compile_setting}},
         "slim": {"layers": slim},
         "router": {"mode": "via-sd", "block_size": BLOCK},
         "limits": {"max_tokens": tokens},
@@ -200,6 +217,8 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
     record = {"drafter": pair[0], "verifier": pair[1], "verifier_layers": plan["verifier"],
               "verifier_layers_of": full_layers, "dtype": str(dtype).replace("torch.", ""),
               "prompt_tokens": prompt_tokens, "max_tokens": tokens}
+    tiers = {"drafter": engine.drafter, "slim": engine.slim, "full": engine.full}
+    record["compiled"] = {name: runner.stack.compiled is not None for name, runner in tiers.items()}
     record["costs"] = call_costs(engine, prompts[0], device)
     log(f"  costs: draft token {record['costs']['draft_token_s'] * 1e3:.2f} ms, ar step "
         f"{record['costs']['ar_step_s'] * 1e3:.2f} ms (ratio {record['costs']['drafter_over_verifier']:.2f}), "
@@ -236,7 +255,8 @@ def run_gpu_check(args) -> dict:
     record = {"schema": SCHEMA, "device": device, "torch": torch.__version__, "host": platform.node(),
               "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None, "pairs": []}
     for pair in PAIRS[args.shapes]:
-        record["pairs"].append(check_pair(pair, device, args.layers, args.max_tokens, args.prompt_tokens))
+        record["pairs"].append(check_pair(pair, device, args.layers, args.max_tokens, args.prompt_tokens,
+                                          args.compile))
     record["seconds"] = time.perf_counter() - started
     record["ok"] = all(p["greedy_sd_equals_ar"] and all(t == {"transfers": 1, "deviceless": []}
                                                         for t in p["transfers_per_call"].values())
