@@ -18,6 +18,7 @@ each pair it prints and writes as JSON:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -128,9 +129,8 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
         slim[count] = cost(DecoderStack(engine.verifier_model, sorted(set(layers))), block)
     costs["slim_call_s_by_layers"] = slim
     if full.compiled:
-        compiled, full.compiled = full.compiled, None
-        costs["full_call_eager_s"] = cost(full, block)
-        full.compiled = compiled
+        with eager(full):
+            costs["full_call_eager_s"] = cost(full, block)
     behind = cost(full, context[-(BLOCK + 9):])
     costs["catch_up_token_s"] = max(0.0, (behind - costs["full_call_s"][BLOCK]) / 8)
     costs["drafter_over_verifier"] = costs["draft_token_s"] / costs["ar_step_s"]
@@ -146,22 +146,23 @@ def transfers_of_a_call(engine: LocalEngine, context: list[int]) -> dict:
     """Device -> host transfers of a sampled draft and verify call, counted on the eager passes (the guard's
     dispatch mode cannot run inside a compiled graph; a compiled pass makes no transfer of its own)."""
     params = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
-    compiled = engine.drafter.stack.compiled, engine.full.stack.compiled
-    engine.drafter.stack.compiled = engine.full.stack.compiled = None
-    try:
-        return _transfers(engine, context, params)
-    finally:
-        engine.drafter.stack.compiled, engine.full.stack.compiled = compiled
-
-
-def _transfers(engine: LocalEngine, context: list[int], params: SamplingParams) -> dict:
-    with HostTransfers([engine.drafter.stack, engine.drafter.pool.data]) as guard:
+    with eager(engine.drafter.stack), HostTransfers([engine.drafter.stack, engine.drafter.pool.data]) as guard:
         draft = engine.drafter.draft(DraftCall("transfers", context, BLOCK, params, seed=1))
     drafter = {"transfers": len(guard.transfers), "deviceless": guard.deviceless}
-    with HostTransfers([engine.full.stack, engine.full.pool.data]) as guard:
+    with eager(engine.full.stack), HostTransfers([engine.full.stack, engine.full.pool.data]) as guard:
         engine.full.verify(VerifyCall(Tier.FULL, "transfers", context, draft.tokens, params, 2, draft.probs))
     engine.release("transfers")
     return {"drafter": drafter, "full": {"transfers": len(guard.transfers), "deviceless": guard.deviceless}}
+
+
+@contextlib.contextmanager
+def eager(stack: DecoderStack):
+    """``stack`` running its passes eagerly for a while (its compiled pass set aside, then restored)."""
+    compiled, stack.compiled = stack.compiled, None
+    try:
+        yield
+    finally:
+        stack.compiled = compiled
 
 
 def generation_runs(engine: LocalEngine, prompts: list[list[int]], tokens: int) -> dict:

@@ -79,11 +79,11 @@ class DecoderStack(nn.Module):
     def pool_cache(self, pool: KVPool, slot: int) -> KVCache:
         return pool.cache(slot)
 
-    def compile(self, pool: KVPool, max_rows: int, warm_up: bool = True) -> float:
+    def compile(self, pool: KVPool, max_rows: int) -> float:
         """Run passes over ``pool``'s slots of up to ``CompiledStep.max_tokens`` tokens per row as one compiled
-        graph (see ``models/step.py``); returns the seconds warm-up took."""
+        graph (see ``models/step.py``), warmed up now; returns the seconds warm-up took."""
         self.compiled = CompiledStep(self, pool)
-        return self.compiled.warm_up(max_rows) if warm_up else 0.0
+        return self.compiled.warm_up(max_rows)
 
     def forward(self, token_ids: list[int], cache: KVCache, num_logits: int) -> torch.Tensor:
         """Run ``token_ids`` after what ``cache`` holds; return float32 logits [num_logits, V] of the last
@@ -110,8 +110,7 @@ class DecoderStack(nn.Module):
         starts = [cache.begin(n) for cache, n in zip(caches, lengths)]
         if self.compiled is not None and self.compiled.accepts(caches, lengths):
             logits = self.compiled.run(token_lists, caches, starts, lengths)  # [B, T, V]
-            for cache, tokens in zip(caches, token_lists):
-                cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
+            _finish(caches, token_lists)
             return [logits[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits))]
         ids = torch.cat([t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.long, device=device)
                          for t in token_lists])[None]  # [1, N]: the rows packed
@@ -124,14 +123,19 @@ class DecoderStack(nn.Module):
                            position_embeddings=rotary, packed=packed)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        for cache, tokens in zip(caches, token_lists):
-            cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
+        _finish(caches, token_lists)
         wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
         if not wanted:
             return [hidden.new_empty((0, self.vocab_size), dtype=torch.float32) for _ in lengths]
         rows = hidden[:, torch.tensor(wanted, device=device)]  # [1, sum(num_logits), H]
         logits = self.lm_head(self.norm(rows))[0].float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits))
+
+
+def _finish(caches: list[KVCache], token_lists: list) -> None:
+    """Record each row's tokens in its cache (a device row's as unknown, -1, until ``KVCache.fill``)."""
+    for cache, tokens in zip(caches, token_lists):
+        cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
 
 
 class PackedRows:

@@ -24,7 +24,6 @@ eagerly.
 
 from __future__ import annotations
 
-import logging
 import time
 import types
 
@@ -33,8 +32,6 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from via_sd_ray.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 T_BUCKETS = (1, 2, 4, 8, 16, 32)  # tokens per row of a compiled pass, on CUDA (bounds the CUDA graphs)
 
@@ -79,7 +76,7 @@ class CompiledStep:
         padded tokens within its slot."""
         width = self.width(max(lengths))
         return (width <= self.max_tokens
-                and all(getattr(c, "pool", None) is self.pool for c in caches)
+                and all(c.pool is self.pool for c in caches)
                 and all(len(c) + width <= self.pool.slot_tokens for c in caches))
 
     def width(self, longest: int) -> int:
@@ -122,9 +119,7 @@ class CompiledStep:
                     self._fn(ids, positions, slots, self.pool.data)  # writes at slot starts: no cache holds them yet
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        log.info("compiled %d-layer stack for up to %d rows in %.1f s", len(self.layers), max_rows, seconds)
-        return seconds
+        return time.perf_counter() - start
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  kv: torch.Tensor) -> torch.Tensor:
