@@ -9,16 +9,19 @@ names the field, what was expected and what was received.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from via_sd_ray.core.policy import SCORES, Mode, RouterPolicy
 from via_sd_ray.errors import ConfigError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 PROMPT_LOOKUP = "prompt-lookup"
+# auto | on | off; YAML 1.1 reads a bare on / off as a boolean, taken here as meant
+AutoOnOff = Annotated[Literal["auto", "on", "off"],
+                      BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v)]
 
 
 class _Strict(BaseModel):
@@ -38,7 +41,7 @@ class ModelConfig(_Strict):
     quantization: Literal["none", "int8-weight-only", "int4-weight-only"] = Field(
         "none", description="Weight-only int8 (per channel) or int4 (groups of 32) for every linear layer: "
         "2.5-3.5x faster decoding on CPU.")
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: AutoOnOff = Field(
         "auto", description="Run decode-shaped passes (up to 32 tokens per row) as one torch.compile graph over the "
         "KV pool, CUDA graphs on CUDA; compiled at replica start (warm-up). auto: on on CUDA, off on CPUs, where a "
         "2-layer model's pass is ~3x faster and a 0.5B one's ~1.3x, but compiling takes ~100 s per graph and "
@@ -158,6 +161,12 @@ class RouterConfig(_Strict):
                 f"slim_threshold={self.slim_threshold}, direct_threshold={self.direct_threshold}"
             )
         return self
+
+    def routes_to_slim(self) -> bool:
+        """Whether a via-sd request sends blocks to the slim tier at the default point or any preset: a
+        confidence band slim_threshold <= c < direct_threshold (a request asking another mode sends none)."""
+        return any(p.slim_threshold < p.direct_threshold
+                   for p in (self.policy(preset, mode=Mode.VIA_SD) for preset in (None, *self.presets)))
 
     def policy(self, preset: str | None = None, **overrides) -> RouterPolicy:
         """The policy of this router, with a named preset's fields and then ``overrides`` (None: unset) applied."""
@@ -281,6 +290,15 @@ class ServingConfig(_Strict):
                                        "before it is refused (429 / RESOURCE_EXHAUSTED with Retry-After).")
     admission_queue: int = Field(64, ge=0, description="New generations a tier replica lets wait for a slot; more "
                                  "are refused at once.")
+    slim_tier: AutoOnOff = Field("auto", description="Whether the SlimVerifier deployment runs: "
+                                                    "auto = where the router sends it blocks (a via-sd band "
+                                                    "slim_threshold < direct_threshold at the default point or a "
+                                                    "preset); off: no slim replicas, and the blocks a request routes "
+                                                    "to the slim tier go to the full verifier.")
+    gpu_memory_share: float | None = Field(None, gt=0, le=1, description="Share of its GPU's memory a tier replica "
+                                           "may use, weights and KV pool together, for replicas sharing a GPU "
+                                           "(null: the fractional num_gpus Ray gave the replica, else the whole "
+                                           "GPU).")
     deployments: dict[Literal[DEPLOYMENTS], DeploymentOptions] = Field(
         default_factory=_default_deployments, description="Per-deployment Serve options; unnamed deployments "
         "keep the defaults.")
@@ -312,6 +330,16 @@ class EngineConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process (None: torch default).")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Ray Serve deployments and tier "
                                    "call behaviour (ignored in-process).")
+
+    def slim_deployed(self) -> bool:
+        """Whether the application runs a SlimVerifier deployment (``serving.slim_tier``)."""
+        if self.serving.slim_tier != "auto":
+            return self.serving.slim_tier == "on"
+        return self.router.routes_to_slim()
+
+    def deployment_names(self) -> tuple[str, ...]:
+        """The deployments the application runs (DEPLOYMENTS, less SlimVerifier where it is not deployed)."""
+        return tuple(name for name in DEPLOYMENTS if name != "SlimVerifier" or self.slim_deployed())
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from via_sd_ray.config import DEPLOYMENTS, load_config, parse_config
+from via_sd_ray.config import load_config, parse_config
 from via_sd_ray.deploy import k8s
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.serving.grpc_service import SERVICER_FUNCTIONS
@@ -34,8 +34,9 @@ TEMPLATE = ROOT / "k8s" / "rayservice.template.yaml"
 RENDERED = ROOT / "k8s" / "rayservice.yaml"
 MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
-GROUP_OF = {"Ingress": "frontend", "Router": "frontend", "Drafter": "drafter-l4", "SlimVerifier": "slim-l40s",
-            "FullVerifier": "full-h100"}
+GROUP_OF = {"Ingress": "frontend", "Router": "frontend", "Drafter": "tiers-l4", "FullVerifier": "tiers-l4"}
+# the tensor-parallel variant below: both verifier tiers at tp 2 on a group of 2-H100 pods
+TP_GROUP_OF = {**GROUP_OF, "SlimVerifier": "verifiers-h100", "FullVerifier": "verifiers-h100"}
 DASHBOARD_PORT = 8265
 
 needs_crds = pytest.mark.skipif(not SHARED_CRDS.is_dir(), reason=f"no KubeRay CRDs at {SHARED_CRDS} "
@@ -54,6 +55,32 @@ def rayservice() -> dict:
 @pytest.fixture(scope="module")
 def serve_config(rayservice) -> dict:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def tp_variant(serve_config, rayservice) -> tuple[dict, dict]:
+    """The shipped manifests changed as the GPU config's comments say for a verifier that needs tensor
+    parallelism: DeepSpeed at tp 2 on both verifier tiers (a slim tier deployed), each replica a
+    STRICT_PACK placement group of two one-GPU bundles, and a worker group of 2-H100 pods for them."""
+    config = copy.deepcopy(serve_config)
+    args = config["applications"][0]["args"]
+    args["models"]["verifier"].update(engine="deepspeed", tensor_parallel_size=2)
+    args["serving"]["slim_tier"] = "on"
+    deployments = args["serving"]["deployments"]
+    for name in ("SlimVerifier", "FullVerifier"):
+        deployments[name] = {**deployments["FullVerifier"], "ray_actor_options": {"num_cpus": 2, "num_gpus": 1},
+                             "placement_group_bundles": [{"CPU": 2, "GPU": 1}, {"CPU": 2, "GPU": 1}],
+                             "placement_group_strategy": "STRICT_PACK",
+                             "placement_group_bundle_label_selector": [{"ray.io/accelerator-type": "H100"}]}
+    service = copy.deepcopy(rayservice)
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (tiers,) = [g for g in groups if g["groupName"] == "tiers-l4"]
+    verifiers = copy.deepcopy(tiers)
+    verifiers.update(groupName="verifiers-h100", labels={"ray.io/accelerator-type": "H100"}, maxReplicas=8)
+    gpus = {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": "2"}
+    verifiers["template"]["spec"]["containers"][0]["resources"] = {"requests": gpus, "limits": gpus}
+    groups.append(verifiers)
+    return config, service
 
 
 def pod_groups(rayservice: dict) -> list[dict]:
@@ -197,41 +224,54 @@ def test_serving_pods_are_ready_only_when_every_tier_is(rayservice):
 # ---- serveConfigV2 -----------------------------------------------------------------------------
 
 
-def test_gpu_config_parses_with_tiers_on_their_gpus():
+def test_gpu_config_parses_with_tiers_sharing_a_gpu():
+    """The shipped pair: Drafter and FullVerifier share one L4 by fractional num_gpus, no tensor
+    parallelism, no SlimVerifier (the profile routes no block to it, which auto finds too)."""
     from ray.util.accelerators import accelerators
 
     from via_sd_ray.serving.autoscaling import TierLoadPolicy
 
     config = load_config(GPU_CONFIG)
     assert config.slim.layers and config.models.drafter.dtype == "bfloat16"
-    gpu_of = {"Drafter": accelerators.NVIDIA_L4, "SlimVerifier": accelerators.NVIDIA_L40S,
-              "FullVerifier": accelerators.NVIDIA_H100}
-    tp = config.models.verifier.tensor_parallel_size
-    assert tp > 1 and config.models.verifier.engine == "deepspeed"
-    tensor_parallel = {"SlimVerifier", "FullVerifier"}  # the slim verifier runs at the verifier's tp
-    for name in DEPLOYMENTS:
+    assert config.models.verifier.tensor_parallel_size == 1 and config.models.verifier.engine != "deepspeed"
+    assert config.serving.slim_tier == "off" and not config.router.routes_to_slim()
+    assert config.model_copy(update={"serving": config.serving.model_copy(update={"slim_tier": "auto"})}
+                             ).deployment_names() == config.deployment_names()
+    assert config.deployment_names() == ("Ingress", "Router", "Drafter", "FullVerifier")
+    gpus = 0.0
+    for name in config.deployment_names():
         options = config.serving.deployments[name]
         actor = options.ray_actor_options
         assert {"min_replicas", "max_replicas", "upscale_delay_s",
                 "downscale_delay_s"} <= set(options.autoscaling_config), name
         assert actor["num_cpus"] > 0, f"{name} would fit the head"
-        if name in gpu_of:  # tiers scale on their own load, with a target each
+        assert not options.placement_group_bundles, name
+        if name in ("Drafter", "FullVerifier"):  # tiers scale on their own load, with a target each
             policy = options.autoscaling_config["policy"]
             assert policy["policy_function"] == "via_sd_ray.serving.autoscaling:TierLoadPolicy", name
             TierLoadPolicy(**policy["policy_kwargs"])
-            assert actor["num_gpus"] == 1 and "accelerator_type" not in actor, \
+            assert 0 < actor["num_gpus"] < 1 and "accelerator_type" not in actor, \
                 "the KubeRay autoscaler cannot scale on accelerator_type"
-            if name in tensor_parallel:  # rank 0 in bundle 0; the GPU type goes to every bundle
-                assert options.placement_group_strategy == "STRICT_PACK", name
-                assert len(options.placement_group_bundles) == tp, name
-                assert all(b["GPU"] == 1 and b["CPU"] >= actor["num_cpus"] for b in options.placement_group_bundles)
-                assert options.placement_group_bundle_label_selector == [{"ray.io/accelerator-type": gpu_of[name]}]
-                assert "label_selector" not in actor, name
-            else:
-                assert actor["label_selector"] == {"ray.io/accelerator-type": gpu_of[name]}
-                assert not options.placement_group_bundles, name
+            assert actor["label_selector"] == {"ray.io/accelerator-type": accelerators.NVIDIA_L4}
+            gpus += actor["num_gpus"]
         else:
             assert not actor.get("num_gpus")
+    assert gpus == 1.0, "one replica of each tier fills one GPU"
+
+
+def test_slim_tier_auto_follows_the_router_band():
+    band = parse_config({"router": {"direct_threshold": 0.9, "slim_threshold": 0.5}})
+    assert band.router.routes_to_slim() and "SlimVerifier" in band.deployment_names()
+    none = parse_config({"router": {"direct_threshold": 0.9, "slim_threshold": 0.9}})
+    assert not none.router.routes_to_slim() and "SlimVerifier" not in none.deployment_names()
+    preset = parse_config({"router": {"direct_threshold": 0.9, "slim_threshold": 0.9,
+                                      "presets": {"fast": {"slim_threshold": 0.4}}}})
+    assert preset.router.routes_to_slim(), "a preset's band deploys the slim tier too"
+    sd_default = parse_config({"router": {"mode": "sd"}})  # a via-sd request still routes by the thresholds
+    assert sd_default.slim_deployed()
+    assert parse_config({"serving": {"slim_tier": False}}).deployment_names() == (
+        "Ingress", "Router", "Drafter", "FullVerifier"), "YAML's bare off reads as false"
+    assert parse_config({"serving": {"slim_tier": True}, **none.model_dump(include={"router"})}).slim_deployed()
 
 
 def test_serve_config_v2_parses_with_ray(serve_config):
@@ -248,15 +288,17 @@ def test_serve_config_v2_parses_with_ray(serve_config):
     assert parse_config(local, base_dir=ROOT).slim.layers
 
 
-def test_ray_serve_accepts_every_deployments_options(serve_config):
+@pytest.mark.parametrize("variant", ["shipped", "tensor-parallel"])
+def test_ray_serve_accepts_every_deployments_options(variant, serve_config, tp_variant):
     from ray import serve
 
+    serve_config = serve_config if variant == "shipped" else tp_variant[0]
     config = parse_config({**serve_config["applications"][0]["args"], "profile": None})
 
     class Replica:
         pass
 
-    for name in DEPLOYMENTS:
+    for name in config.deployment_names():
         options = config.serving.deployments[name].serve_options()
         deployment = serve.deployment(Replica, name=name).options(**options)
         if "placement_group_bundles" in options:  # Serve checks the actor fits bundle 0
@@ -272,40 +314,51 @@ def test_ray_serve_accepts_every_deployments_options(serve_config):
 # ---- placement ---------------------------------------------------------------------------------
 
 
-def test_each_deployment_fits_its_group_only_and_never_the_head(serve_config, rayservice):
+@pytest.mark.parametrize("variant", ["shipped", "tensor-parallel"])
+def test_each_deployment_fits_its_group_only_and_never_the_head(variant, serve_config, rayservice, tp_variant):
+    if variant == "tensor-parallel":
+        serve_config, rayservice = tp_variant
+    group_of = GROUP_OF if variant == "shipped" else TP_GROUP_OF
     assert k8s.placement_problems(serve_config, rayservice) == []
     head, workers = k8s.cluster_groups(rayservice)
     assert rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert head.resources.get("CPU", 0) == 0 and head.resources.get("GPU", 0) == 0
+    config = parse_config({**serve_config["applications"][0]["args"], "profile": None})
     demands = k8s.replica_demands(serve_config)
-    assert [d.deployment for d in demands] == list(DEPLOYMENTS)
+    assert [d.deployment for d in demands] == list(config.deployment_names())
     for demand in demands:
         assert not k8s.replicas_per_node(demand, head), demand
         fitting = [g.name for g in workers if k8s.replicas_per_node(demand, g)]
-        assert fitting == [GROUP_OF[demand.deployment]], demand
-    tp = parse_config({**serve_config["applications"][0]["args"], "profile": None}).models.verifier.tensor_parallel_size
+        assert fitting == [group_of[demand.deployment]], demand
+    tp = config.models.verifier.tensor_parallel_size
     for demand in demands:
-        if demand.deployment in ("SlimVerifier", "FullVerifier"):  # a whole placement group in one pod
+        if tp > 1 and demand.deployment in ("SlimVerifier", "FullVerifier"):  # a whole placement group in one pod
             assert len(demand.bundles) == tp and demand.resources["GPU"] == tp, demand
-            (group,) = [g for g in workers if g.name == GROUP_OF[demand.deployment]]
+            (group,) = [g for g in workers if g.name == group_of[demand.deployment]]
             assert group.resources["GPU"] == tp and k8s.replicas_per_node(demand, group) == 1, group
+    if variant == "shipped":  # a pod of tiers-l4 holds a Drafter and a FullVerifier replica at once
+        (group,) = [g for g in workers if g.name == "tiers-l4"]
+        together = [d for d in demands if d.deployment in ("Drafter", "FullVerifier")]
+        for resource, capacity in group.resources.items():
+            assert sum(d.resources.get(resource, 0) for d in together) <= capacity, resource
 
 
-def test_placement_groups_are_checked_bundle_by_bundle_on_one_pod(serve_config, rayservice):
+def test_placement_groups_are_checked_bundle_by_bundle_on_one_pod(tp_variant):
     """STRICT_PACK: all bundles on one pod. Bundles that each fit a pod but not together, or one
     bundle asking for another GPU type, fit nowhere; the count must match the verifier's ranks."""
+    serve_config, rayservice = tp_variant
     broken = copy.deepcopy(serve_config)
     deployments = broken["applications"][0]["args"]["serving"]["deployments"]
     full = deployments["FullVerifier"]
     full["placement_group_bundles"] = full["placement_group_bundles"] + [{"CPU": 2, "GPU": 1}]  # 3 GPUs, pods have 2
     slim = deployments["SlimVerifier"]
-    slim["placement_group_bundle_label_selector"] = [{"ray.io/accelerator-type": "L40S"},
-                                                     {"ray.io/accelerator-type": "H100"}]
+    slim["placement_group_bundle_label_selector"] = [{"ray.io/accelerator-type": "H100"},
+                                                     {"ray.io/accelerator-type": "L40S"}]
     problems = k8s.placement_problems(broken, rayservice)
     assert any(p.startswith("FullVerifier: no worker group fits {CPU: 6, GPU: 3} in one node, as 3 STRICT_PACK")
                for p in problems), problems
     assert any(p.startswith("FullVerifier: 3 placement_group_bundles, expected 2") for p in problems), problems
-    assert any(p.startswith("SlimVerifier: no worker group fits") and "H100" in p for p in problems), problems
+    assert any(p.startswith("SlimVerifier: no worker group fits") and "L40S" in p for p in problems), problems
     assert len(problems) == 3, problems
 
     spread = copy.deepcopy(serve_config)
@@ -322,7 +375,8 @@ def test_placement_groups_are_checked_bundle_by_bundle_on_one_pod(serve_config, 
     assert len(problems) == 2, problems
 
 
-def test_a_placement_group_never_fits_the_head(serve_config, rayservice):
+def test_a_placement_group_never_fits_the_head(tp_variant):
+    serve_config, rayservice = tp_variant
     head_like = copy.deepcopy(serve_config)
     full = head_like["applications"][0]["args"]["serving"]["deployments"]["FullVerifier"]
     full["ray_actor_options"] = {"num_cpus": 0}
@@ -347,11 +401,11 @@ def test_placement_problems_are_reported(serve_config, rayservice):
 
 def test_render_refuses_a_config_that_does_not_fit(tmp_path):
     config = yaml.safe_load(GPU_CONFIG.read_text())
-    slim = config["applications"][0]["args"]["serving"]["deployments"]["SlimVerifier"]
-    slim["placement_group_bundle_label_selector"] = [{"ray.io/accelerator-type": "A100"}]
+    drafter = config["applications"][0]["args"]["serving"]["deployments"]["Drafter"]
+    drafter["ray_actor_options"]["label_selector"] = {"ray.io/accelerator-type": "A100"}
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match="SlimVerifier: no worker group fits"):
+    with pytest.raises(ConfigError, match="Drafter: no worker group fits"):
         k8s.render_rayservice(path, TEMPLATE, project_root=ROOT)
 
 
@@ -366,10 +420,14 @@ def ray_label_selector(selector: dict[str, str]) -> list | None:
     return [constraints] if constraints else None
 
 
-def test_ray_autoscaler_adds_a_node_of_the_intended_group(serve_config, rayservice):
+@pytest.mark.parametrize("variant", ["shipped", "tensor-parallel"])
+def test_ray_autoscaler_adds_a_node_of_the_intended_group(variant, serve_config, rayservice, tp_variant):
     """Ray's KubeRay config parser reads the groups as we do, and its v2 scheduler answers a pending
     replica of each deployment by launching one node of the group meant for it. (Ray internals, as
     of the pinned ray==2.60.0: an upgrade that moves them fails here first.)"""
+    if variant == "tensor-parallel":
+        serve_config, rayservice = tp_variant
+    group_of = GROUP_OF if variant == "shipped" else TP_GROUP_OF
     from ray.autoscaler._private.kuberay.autoscaling_config import _generate_available_node_types_from_ray_cr_spec
     from ray.autoscaler.v2.instance_manager.config import NodeTypeConfig
     from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
@@ -400,7 +458,7 @@ def test_ray_autoscaler_adds_a_node_of_the_intended_group(serve_config, rayservi
                                            resource_requests=[ResourceRequestByCount(request=request, count=1)])
         reply = ResourceDemandScheduler().schedule(scheduling)
         launched = {launch.instance_type: launch.count for launch in reply.to_launch}
-        assert launched == {GROUP_OF[demand.deployment]: 1}, demand
+        assert launched == {group_of[demand.deployment]: 1}, demand
         assert not reply.infeasible_gang_resource_requests, demand
 
 

@@ -58,3 +58,28 @@ def test_a_tier_replica_assigned_no_gpu_builds_on_the_cpu(cuda_reported, monkeyp
     server = TierServer(ARGS, "drafter", warm_up=False)
     assert seen == ["cpu"]
     assert server.runner.stack.device.type == "cpu"
+
+
+def test_a_replica_sharing_a_gpu_sizes_its_kv_pool_from_its_own_share(monkeypatch):
+    """Two replicas on one GPU (num_gpus 0.25 / 0.75): what is free to each is its share of the GPU less
+    what it holds, whichever started first; never more than the GPU has free."""
+    from via_sd_ray.models.kv_cache import free_device_bytes
+
+    gib = 2**30
+    free = {"now": 20 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["now"], 24 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 * gib)  # its weights
+    assert free_device_bytes("cuda:0") == 20 * gib  # a whole GPU: what is free
+    assert free_device_bytes("cuda:0", 0.25) == 5 * gib  # 6 GiB share, 1 GiB held
+    free["now"] = 4 * gib  # the other replica started first and took most of the GPU
+    assert free_device_bytes("cuda:0", 0.75) == 4 * gib
+    assert free_device_bytes("cuda:0", 1.0) == 4 * gib
+
+
+def test_a_tier_replica_takes_its_gpu_share_from_ray(monkeypatch):
+    assert tp_workers.gpu_share() is None  # outside Ray
+    monkeypatch.setattr(tp_workers, "accelerator_ids", lambda: [])
+    monkeypatch.setattr(tp_workers, "gpu_share", lambda: 0.25)
+    assert TierServer(ARGS, "drafter", warm_up=False).config.serving.gpu_memory_share == 0.25
+    given = {**ARGS, "serving": {**ARGS["serving"], "gpu_memory_share": 0.5}}  # the config's own wins
+    assert TierServer(given, "drafter", warm_up=False).config.serving.gpu_memory_share == 0.5

@@ -231,6 +231,42 @@ def test_thresholds_out_of_order_is_invalid_request(make):
     assert "slim_threshold=0.95" in err.value.message and "direct_threshold=0.9" in err.value.message
 
 
+def test_without_a_slim_tier_its_blocks_go_to_the_full_verifier(local_engine, make):
+    """serving.slim_tier off: no SlimVerifier; a request's slim band is folded into the full verifier's,
+    and the output is what the engine gives for the policy without that band."""
+    router, clients = make()
+    del clients["slim"]
+    router = GenerationRouter(local_engine.config, clients["drafter"], None, clients["full"], text=router.text)
+    assert set(router.tiers) == {"drafter", "full"}
+    request = GenerateRequest(prompt=PROMPTS[0], max_tokens=24, mode="via-sd", slim_threshold=0.1)
+    policy = router.policy(request)
+    assert policy.slim_threshold == policy.direct_threshold
+    prompt_ids = local_engine.encode(PROMPTS[0])
+    want = local_engine.generate(prompt_ids, SamplingParams(max_tokens=24), policy)
+    events = run(collect(router, request))
+    assert [t for e in events for t in e["token_ids"]] == want.token_ids
+    stats = events[-1]["stats"]
+    assert stats["tier_blocks"]["slim"] == 0 and stats["tier_blocks"]["full"] > 0
+    assert set(run(router.readiness())) == {"drafter", "full"}  # readiness asks only the deployed tiers
+    generation_id = request.request_id
+    run(settle(clients, generation_id))
+    assert_released(clients, generation_id)
+
+
+@pytest.mark.parametrize("slim_tier, deployed", [("auto", True), ("off", False), ("on", True)])
+def test_the_app_deploys_the_slim_tier_only_where_it_is_routed(slim_tier, deployed):
+    """build_app's graph: Ingress -> Router(args, Drafter, SlimVerifier or None, FullVerifier)."""
+    from via_sd_ray.serving.app import build_app
+
+    args = {**SERVING_ARGS, "serving": {**SERVING_ARGS["serving"], "slim_tier": slim_tier}}
+    assert parse_config(args).router.routes_to_slim()  # the test config has a slim band
+    ingress = build_app(args)._bound_deployment
+    router = ingress.init_args[1]._bound_deployment
+    _, *tiers = router.init_args
+    names = [t and t._bound_deployment.name for t in tiers]
+    assert names == ["Drafter", "SlimVerifier" if deployed else None, "FullVerifier"]
+
+
 def test_a_request_selects_a_router_preset(local_engine, make):
     args = {**SERVING_ARGS, "router": {**SERVING_ARGS.get("router", {}), "direct_threshold": 0.0,
                                        "slim_threshold": 0.0, "deferred_check": True,

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from via_sd_ray.config import DEPLOYMENTS, DeploymentOptions, parse_config
+from via_sd_ray.config import DeploymentOptions, parse_config
 from via_sd_ray.errors import ConfigError
 
 APP_ROOT = "/home/ray/via-sd"  # the project root inside the image: WORKDIR of k8s/Dockerfile
@@ -187,7 +187,7 @@ def replica_demands(serve_config: dict[str, Any]) -> list[Demand]:
     for app in serve_config["applications"]:
         # placement does not depend on the profile (slim layers, thresholds), which may name a path in the image
         config = parse_config({**(app.get("args") or {}), "profile": None})
-        for name in DEPLOYMENTS:
+        for name in config.deployment_names():
             options = config.serving.deployments[name]
             actor = options.ray_actor_options or {}
             if options.autoscaling_config:
@@ -253,6 +253,8 @@ def tensor_parallel_problems(serve_config: dict[str, Any]) -> list[str]:
         config = parse_config({**(app.get("args") or {}), "profile": None})
         tp = config.models.verifier.tensor_parallel_size
         for name in ("SlimVerifier", "FullVerifier"):
+            if name not in config.deployment_names():
+                continue
             options = config.serving.deployments[name]
             bundles = options.placement_group_bundles or []
             if tp > 1 and len(bundles) != tp:

@@ -182,11 +182,16 @@ def median_seconds(fn, device: torch.device | str, repeat: int) -> float:
     return statistics.median(times)
 
 
-def free_device_bytes(device: torch.device | str) -> int:
-    """Memory free on ``device`` now: the GPU's (``torch.cuda.mem_get_info``), or the host's available RAM."""
+def free_device_bytes(device: torch.device | str, share: float | None = None) -> int:
+    """Memory free on ``device`` now: the GPU's (``torch.cuda.mem_get_info``), or the host's available RAM.
+    ``share``: this process may use that share of the GPU's memory (replicas sharing a GPU), so what is
+    free to it is its share less what it holds already (its weights), whatever the others took first."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free, total = torch.cuda.mem_get_info(device)
+        if share is not None and share < 1:
+            free = min(free, max(0, int(share * total) - torch.cuda.memory_reserved(device)))
+        return free
     import psutil
 
     return psutil.virtual_memory().available

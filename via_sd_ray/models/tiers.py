@@ -163,10 +163,12 @@ def build_drafter(config: EngineConfig, verifier_vocab: int) -> TierRunner | Pro
 
 def kv_pool(stack: DecoderStack, serving: ServingConfig, budget: int | None = None) -> KVPool:
     """The stack's KV pool: slots of ``serving.kv_slot_tokens`` tokens, as many as the byte budget holds
-    (``budget``, else ``serving.kv_cache_bytes``, else ``kv_cache_fraction`` of the device's free memory)."""
+    (``budget``, else ``serving.kv_cache_bytes``, else ``kv_cache_fraction`` of the device's free memory, or of
+    the replica's ``serving.gpu_memory_share`` of a GPU it shares)."""
     slot_tokens = min(serving.kv_slot_tokens or DEFAULT_SLOT_TOKENS, stack.max_context)
     per_slot = bytes_per_token(len(stack.layer_ids), stack.num_kv_heads, stack.head_dim, stack.dtype) * slot_tokens
-    budget = budget or serving.kv_cache_bytes or int(serving.kv_cache_fraction * free_device_bytes(stack.device))
+    budget = budget or serving.kv_cache_bytes or int(
+        serving.kv_cache_fraction * free_device_bytes(stack.device, serving.gpu_memory_share))
     slots = min(budget // per_slot, serving.kv_max_slots)
     if slots < 1:
         raise ConfigError(f"serving.kv_cache_bytes: expected room for one KV slot of {slot_tokens} tokens "

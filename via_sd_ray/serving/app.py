@@ -2,8 +2,9 @@
 
 One function turns the validated application args into five deployments: ``Ingress``
 (HTTP + gRPC), ``Router`` (the block loop) and the tiers ``Drafter``, ``SlimVerifier``,
-``FullVerifier``. Their Serve options (replicas, autoscaling, resources, queue limits)
-come from ``serving.deployments`` in the same args, never from decorator literals.
+``FullVerifier``; four where the router sends the slim tier no block (``serving.slim_tier``).
+Their Serve options (replicas, autoscaling, resources, queue limits) come from
+``serving.deployments`` in the same args, never from decorator literals.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     config = parse_config(args)  # fail fast, in the process that runs `serve run`, with the field named
     # replicas get the resolved config (profile merged in), so they need no file next to them
     args = {**config.model_dump(mode="json"), "profile": None}
-    tiers = {}
+    tiers = {"slim": None}  # no SlimVerifier where the router sends it no block (serving.slim_tier)
     for tier, name in DEPLOYMENT_OF_TIER.items():
+        if tier == "slim" and not config.slim_deployed():
+            continue
         deployment = serve.deployment(TierServer, name=name).options(**deployment_options(config, name))
         tiers[tier] = deployment.bind(args, tier)
     router = serve.deployment(GenerationRouter, name="Router").options(**deployment_options(config, "Router"))

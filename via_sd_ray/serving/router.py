@@ -18,7 +18,7 @@ import time
 import uuid
 from array import array
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from via_sd_ray.config import EngineConfig, parse_config
@@ -114,8 +114,9 @@ class GenerationRouter:
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
         affinity = self.config.serving.affinity
         self.routes: dict[str, str] = {}  # generation id -> its routing key, while it runs
+        # slim None: no SlimVerifier deployment (serving.slim_tier); its blocks go to the full verifier
         self.tiers = {name: (h if not _is_handle(h) else TierClient(h, name, affinity, self._route))
-                      for name, h in (("drafter", drafter), ("slim", slim), ("full", full))}
+                      for name, h in (("drafter", drafter), ("slim", slim), ("full", full)) if h is not None}
         self.text = text if text is not None else text_info(self.config)
         # the longest sequence served: the context window, or a tier's KV slot if that is shorter
         slot = self.config.serving.kv_slot_tokens or DEFAULT_SLOT_TOKENS
@@ -178,11 +179,14 @@ class GenerationRouter:
         try:
             if overrides["mode"] is not None:
                 Mode(overrides["mode"])
-            return self.config.router.policy(request.profile, **overrides)
+            policy = self.config.router.policy(request.profile, **overrides)
         except (ConfigError, ValueError) as err:
             message = getattr(err, "message", None) or (
                 f"mode: expected one of {[m.value for m in Mode]}, received {overrides['mode']!r}")
             raise InvalidRequest(message.removeprefix("router.")) from None
+        if "slim" not in self.tiers:  # no slim band: what it would decide, the full verifier does
+            policy = replace(policy, slim_threshold=policy.direct_threshold)
+        return policy
 
     # -- the block loop ----------------------------------------------------------------------
 

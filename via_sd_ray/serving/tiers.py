@@ -44,11 +44,14 @@ class TierServer:
         """``warm_up``: run the warm-up call at the end of the start (None: only for a runner built here;
         an injected runner is the caller's)."""
         from via_sd_ray.models.tiers import build_tier, placed
-        from via_sd_ray.serving.tp_workers import accelerator_ids, shard_launcher
+        from via_sd_ray.serving.tp_workers import accelerator_ids, gpu_share, shard_launcher
 
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
         if runner is None:  # device: auto is the GPU Ray gave this replica, or the CPU
             self.config = placed(self.config, accelerator_ids())
+            if self.config.serving.gpu_memory_share is None and gpu_share() is not None:  # num_gpus: 0.25
+                serving = self.config.serving.model_copy(update={"gpu_memory_share": gpu_share()})
+                self.config = self.config.model_copy(update={"serving": serving})
         if self.config.threads:
             import torch
 

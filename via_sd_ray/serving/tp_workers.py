@@ -33,6 +33,17 @@ def accelerator_ids() -> list | None:
         return None
 
 
+def gpu_share() -> float | None:
+    """The fraction of a GPU Ray gave this process (``num_gpus: 0.25``), or None: a whole GPU, none, or no Ray."""
+    if not ray.is_initialized():
+        return None
+    try:
+        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except Exception:  # a driver, not a worker
+        return None
+    return gpus if gpus is not None and 0 < gpus < 1 else None
+
+
 VERIFIER_DEPLOYMENTS = {"slim": "SlimVerifier", "full": "FullVerifier"}
 PING_TIMEOUT_S = 5.0  # a ping not back by then is a worker busy with a pass, not a dead one
 
