@@ -87,3 +87,33 @@ def test_device_names_are_checked_and_a_missing_gpu_is_a_config_error():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device"):
             resolve_device("cuda:0")
+
+
+def test_precision_and_its_former_name():
+    models = lambda **drafter: parse_config({"models": {"drafter": drafter}}).models.drafter  # noqa: E731
+    assert models().precision == "auto" and models().quantization is None
+    assert models(quantization="none").precision == "bf16"
+    assert models(quantization="int4-weight-only").precision == "int4"
+    assert models(quantization="int8-weight-only", precision="int8").precision == "int8"  # the same, twice
+    with pytest.raises(ConfigError, match="quantization: expected it unset beside precision 'int4'"):
+        models(quantization="none", precision="int4")
+    with pytest.raises(ConfigError, match="models.drafter.precision: expected 'auto', 'bf16', 'int8', 'int4' or "
+                                          "'gguf'"):
+        models(precision="fp4")
+
+
+def test_precision_auto_follows_the_device_and_the_checkpoint(tmp_path):
+    from via_sd_ray.models.loading import ResolvedSource, resolve_precision
+
+    registry_model = ResolvedSource("dir", str(tmp_path), registry="qwen2.5-coder-1.5b-instruct")
+    gguf_file, plain = ResolvedSource("gguf", str(tmp_path / "m.gguf")), ResolvedSource("dir", str(tmp_path))
+    tiny = ResolvedSource("tiny", "verifier")
+    assert resolve_precision("auto", registry_model, "cpu") == "gguf"
+    assert resolve_precision("auto", gguf_file, "cpu") == "gguf"
+    assert resolve_precision("auto", plain, "cpu") == resolve_precision("auto", tiny, "cpu") == "bf16"
+    assert resolve_precision("auto", registry_model, "cuda:0") == "bf16"
+    assert resolve_precision("auto", tiny, "cpu", drafter=True) == resolve_precision("auto", plain, "cuda",
+                                                                                     drafter=True) == "int4"
+    assert resolve_precision("int8", registry_model, "cpu") == "int8"
+    with pytest.raises(ConfigError, match="precision: expected a GGUF checkpoint"):
+        resolve_precision("gguf", tiny, "cpu")

@@ -19,6 +19,8 @@ from via_sd_ray.errors import ConfigError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 PROMPT_LOOKUP = "prompt-lookup"
+Precision = Literal["auto", "bf16", "int8", "int4", "gguf"]
+FORMER_QUANTIZATION = {"none": "bf16", "int8-weight-only": "int8", "int4-weight-only": "int4"}
 # auto | on | off; YAML 1.1 reads a bare on / off as a boolean, taken here as meant
 AutoOnOff = Annotated[Literal["auto", "on", "off"],
                       BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v)]
@@ -38,9 +40,16 @@ class ModelConfig(_Strict):
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the tier runs: cpu, cuda, "
                         "cuda:N, or auto (the GPU Ray gave the replica, if any, else cpu).")
-    quantization: Literal["none", "int8-weight-only", "int4-weight-only"] = Field(
-        "none", description="Weight-only int8 (per channel) or int4 (groups of 32) for every linear layer: "
-        "2.5-3.5x faster decoding on CPU.")
+    precision: Precision = Field(
+        "auto", description="Weights of the linear layers. bf16: the float weights, at `dtype`; int8: weight-only "
+        "int8 per output channel; int4: weight-only int4 in groups of 32, a GGUF checkpoint's own 4-bit blocks "
+        "(Q4_K, Q4_0, Q4_1) taken as they are and the other layers quantized from their weights; gguf: the GGUF "
+        "checkpoint's own precision, its 4-bit blocks at int4 and every other tensor in float (exact to the "
+        "checkpoint). auto: on CPUs int4 for the drafter (its errors cost only speed) and gguf for a verifier "
+        "from a GGUF checkpoint with 4-bit blocks (the registry's, or a .gguf file), else bf16; on GPUs bf16 "
+        "(the drafter int4).")
+    quantization: Literal["none", "int8-weight-only", "int4-weight-only"] | None = Field(
+        None, description="Former name of precision: none = bf16, int8-weight-only = int8, int4-weight-only = int4.")
     compile: AutoOnOff = Field(
         "auto", description="Run decode-shaped passes (up to 32 tokens per row) as one torch.compile graph over the "
         "KV pool, CUDA graphs on CUDA; compiled at replica start (warm-up). auto: on on CUDA, off on CPUs, where a "
@@ -51,13 +60,21 @@ class ModelConfig(_Strict):
         "reordered once at load; a 6-token verification pass 2.4x faster than with aten's MKL sgemm on an AVX2 "
         "EPYC, at 1.9x the LM head's memory when it is tied to the embeddings), else aten (torch's default).")
 
+    @model_validator(mode="after")
+    def _former_quantization(self):
+        if self.quantization is not None:
+            former = FORMER_QUANTIZATION[self.quantization]
+            if self.precision not in ("auto", former):
+                raise ValueError(f"quantization: expected it unset beside precision {self.precision!r} (its former "
+                                 f"name), received {self.quantization!r}")
+            object.__setattr__(self, "precision", former)
+            object.__setattr__(self, "quantization", None)
+        return self
+
 
 class DrafterConfig(ModelConfig):
     source: str = Field("qwen2.5-coder-0.5b-instruct", description=f"As for models, or `{PROMPT_LOOKUP}` for a "
                         "model-free n-gram drafter.")
-    quantization: Literal["none", "int8-weight-only", "int4-weight-only"] = Field(
-        "int4-weight-only", description="As for models; int4 is the drafter's default, since its errors cost "
-        "only speed.")
     max_ngram: int = Field(3, ge=1, le=16, description="prompt-lookup: longest n-gram matched.")
     min_ngram: int = Field(1, ge=1, le=16, description="prompt-lookup: shortest n-gram matched.")
 
@@ -82,12 +99,9 @@ class VerifierConfig(ModelConfig):
         if self.engine == "deepspeed" and self.dtype == "float64":
             raise ValueError("dtype: expected float32, bfloat16 or float16 with engine 'deepspeed' (DeepSpeed "
                              "inference takes no float64), received 'float64'")
-        if self.tensor_parallel_size > 1 and self.quantization != "none":
-            raise ValueError(f"quantization: expected 'none' with tensor_parallel_size > 1 (AutoTP shards "
-                             f"nn.Linear layers only), received {self.quantization!r}")
-        if self.engine == "deepspeed" and self.quantization != "none":
-            raise ValueError(f"quantization: expected 'none' with engine 'deepspeed' (DeepSpeed loads on the host and "
-                             f"moves nn.Linear shards to the GPU), received {self.quantization!r}")
+        if self.engine == "deepspeed" and self.precision not in ("auto", "bf16"):
+            raise ValueError(f"precision: expected 'auto' or 'bf16' with engine 'deepspeed' (AutoTP shards "
+                             f"nn.Linear layers only, and moves them to the GPU), received {self.precision!r}")
         return self
 
 

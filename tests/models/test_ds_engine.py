@@ -80,7 +80,8 @@ def test_slim_only_tier_loads_its_layers_on_the_deepspeed_engine(engines):
     ({"engine": "hf", "tensor_parallel_size": 2}, "tensor_parallel_size: expected 1 with engine 'hf'"),
     ({"engine": "deepspeed", "dtype": "float64"}, "dtype: expected float32, bfloat16 or float16"),
     ({"engine": "deepspeed", "tensor_parallel_size": 2, "quantization": "int8-weight-only"},
-     "quantization: expected 'none' with tensor_parallel_size > 1"),
+     "precision: expected 'auto' or 'bf16' with engine 'deepspeed'"),
+    ({"engine": "deepspeed", "precision": "gguf"}, "precision: expected 'auto' or 'bf16' with engine 'deepspeed'"),
 ])
 def test_config_names_what_the_engine_cannot_do(verifier, expected):
     with pytest.raises(ConfigError, match=expected):

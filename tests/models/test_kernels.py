@@ -54,5 +54,5 @@ def test_float64_and_quantized_layers_keep_their_kernels():
     source = resolve("tiny-random:verifier")
     model = load_model(source, "float64", linear_kernel="auto")
     assert any(type(m) is nn.Linear for m in model.modules())
-    quantized = load_model(source, "float32", quantization="int8-weight-only", linear_kernel="auto")
+    quantized = load_model(source, "float32", precision="int8", linear_kernel="auto")
     assert not any(isinstance(m, kernels.OneDNNLinear) for m in quantized.modules())

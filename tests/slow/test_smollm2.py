@@ -29,14 +29,15 @@ def engine_with(drafter: dict):
     from via_sd_ray.models.local import LocalEngine
 
     return LocalEngine(parse_config({
-        "models": {"drafter": drafter, "verifier": {"source": MODEL, "dtype": "float32"}},
+        # the float checkpoint: Hugging Face generate is the reference (tests/slow/test_gguf_real.py: int4)
+        "models": {"drafter": drafter, "verifier": {"source": MODEL, "dtype": "float32", "precision": "bf16"}},
         "slim": {"layers": SLIM_LAYERS},
     }))
 
 
 @pytest.fixture(scope="module", params=["same-model-drafter", "prompt-lookup"])
 def engine(request):
-    drafter = {"source": MODEL, "dtype": "float32"} if request.param == "same-model-drafter" else {
+    drafter = {"source": MODEL, "dtype": "float32", "precision": "bf16"} if request.param == "same-model-drafter" else {
         "source": "prompt-lookup"}
     return engine_with(drafter)
 

@@ -17,6 +17,7 @@ import torch
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import kernels, registry, tiny
 from via_sd_ray.models.decoder import check_layers, keep_layers
+from via_sd_ray.models.gguf_int4 import apply_gguf_int4
 from via_sd_ray.models.quant import quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -62,6 +63,15 @@ EXTRA_EOS_TOKENS = {"qwen2": ("<|endoftext|>", "<|im_end|>")}
 class ResolvedSource:
     kind: str  # "tiny" | "dir" | "gguf"
     location: str  # tiny model name, checkpoint directory or .gguf path
+    registry: str | None = None  # the registry model the directory was converted from
+
+    def gguf(self) -> Path | None:
+        """The GGUF file holding this checkpoint's own quantized blocks, if it has one."""
+        if self.kind == "gguf":
+            return Path(self.location)
+        if self.registry is not None:
+            return registry.gguf_file(self.registry)
+        return None
 
 
 def resolve(source: str, revision: str | None = None, pull: bool = True) -> ResolvedSource:
@@ -71,7 +81,7 @@ def resolve(source: str, revision: str | None = None, pull: bool = True) -> Reso
     if source in registry.MODELS:
         if not registry.is_pulled(source) and not pull:
             raise ConfigError(f"model {source!r} is not pulled yet; run `via-sd models pull {source}`")
-        return ResolvedSource("dir", str(registry.pull(source)))
+        return ResolvedSource("dir", str(registry.pull(source)), registry=source)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedSource("gguf", str(path))
@@ -128,17 +138,45 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def resolve_precision(precision: str, resolved: ResolvedSource, device: str, drafter: bool = False) -> str:
+    """``precision: auto`` made concrete for a model from ``resolved`` running on ``device``: on a CPU
+    int4 for a drafter, gguf for a verifier whose checkpoint is a GGUF file with 4-bit blocks (exact to
+    it, fewer bytes per token), else bf16; off the CPU bf16 (a drafter int4)."""
+    if precision == "gguf" and resolved.kind == "tiny":
+        raise ConfigError("precision: expected a GGUF checkpoint (a registry model or a .gguf file) for 'gguf', "
+                          f"received the tiny model {resolved.location!r}; use int4 or bf16")
+    if precision != "auto":
+        return precision
+    if drafter:
+        return "int4"
+    cpu = torch.device(device).type == "cpu"
+    return "gguf" if cpu and (resolved.kind == "gguf" or resolved.registry is not None) else "bf16"
+
+
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
-               attn_implementation: str = "sdpa", quantization: str = "none", device: str = "cpu",
+               attn_implementation: str = "sdpa", precision: str = "bf16", device: str = "cpu",
                linear_kernel: str = "aten", dtype_device: str | None = None):
     """A Hugging Face causal LM in eval mode on ``device``. With ``layers``, only those decoder
     layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process).
+    ``precision`` (concrete: bf16, int8, int4 or gguf; ``resolve_precision``): the linear layers' weights.
     ``linear_kernel``: what computes the unquantized linear layers (``models.kernels``).
     ``dtype_device``: the device ``dtype: auto`` is chosen for, when the model is loaded elsewhere
     first (DeepSpeed loads on the host and moves each shard to its GPU)."""
     model = _load(resolved, torch_dtype(dtype, dtype_device or device), layers, attn_implementation).to(device)
     try:
-        return kernels.apply(quantize(model, quantization), linear_kernel)
+        if precision in ("int4", "gguf"):
+            gguf = resolved.gguf()
+            if gguf is None and precision == "gguf":
+                raise ValueError(f"precision: expected a GGUF checkpoint (a registry model or a .gguf file) for "
+                                 f"'gguf', received the checkpoint {resolved.location!r}; use int4 or bf16")
+            cpu = torch.device(device).type == "cpu"
+            if precision == "gguf" and not cpu:
+                raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
+                                 "GGUF checkpoint's own 4-bit blocks are served on CPUs only)")
+            if gguf is not None and cpu:  # elsewhere int4 quantizes every layer through torchao
+                apply_gguf_int4(model, gguf, layers)
+        scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
+        return kernels.apply(quantize(model, scheme), linear_kernel)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

