@@ -1,8 +1,7 @@
 """llama.cpp side by side: llama-server on the same GGUF files and prompts, plain and with the drafter.
 
-    bash scripts/build_llama_cpp.sh                 # once: builds llama-server from source (~15 min)
-    python scripts/bench_llama_cpp.py --server ~/.cache/via-sd/llama.cpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server \
-        --num-prompts 4 --max-tokens 64 --concurrency 1,4 --json llama-cpp.json
+    SERVER=$(bash scripts/build_llama_cpp.sh | tail -1)     # once: builds llama-server (~15 min)
+    python scripts/bench_llama_cpp.py --server "$SERVER" --num-prompts 8 --max-tokens 64 --concurrency 1,4
 
 Starts llama-server on loopback for each setup (`plain`: the verifier alone; `draft`: with the drafter,
 `-md ... --spec-type draft-simple`), with as many slots as the largest concurrency, sends the ShareGPT

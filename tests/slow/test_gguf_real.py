@@ -39,11 +39,11 @@ def test_the_4_bit_smollm2_decodes_like_its_float_checkpoint():
 
     source = resolve(MODEL)
     tokenizer = load_tokenizer(source)
-    float_model = load_model(source, "float32", precision="bf16")
-    int4_model = load_model(source, "float32", precision="gguf")
+    float_model = load_model(source, "float64", precision="bf16")
+    int4_model = load_model(source, "float64", precision="gguf")  # the int4 kernel in float32
     ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
     with torch.inference_mode():
         want = float_model.generate(ids, max_new_tokens=32, do_sample=False)
         got = int4_model.generate(ids, max_new_tokens=32, do_sample=False)
-    # float32 everywhere: the two differ only by the float32 rounding of the per-group scales and offsets
+    # the two differ only by float32 rounding (of the scales and offsets, and in the kernel)
     assert got.tolist() == want.tolist()

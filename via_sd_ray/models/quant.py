@@ -1,21 +1,20 @@
 """Weight-only quantization of a model's linear layers: int8 per output channel, or int4 in
-groups of 32 input channels (asymmetric, with a scale and a zero per group).
+groups of 32 input channels (asymmetric: ``w = scale * code + low`` per group).
 
 Decoding one token on a CPU is bound by reading the weights, so smaller weights make a
-forward pass faster while the activations stay in the model's dtype. The 0.5B drafter
-here: bf16 62-70 ms, int8 25 ms, int4 18 ms per token. Its agreement with the 1.5B
-verifier's argmax on the verifier's own code completions (768 tokens): bf16 86.5%, int8
-85.5%, int4 85.9%: the offline checkpoints come from Q4_K GGUF files, whose 32-weight
-sub-blocks are themselves 4-bit affine groups, which int4 groups of 32 represent almost
-exactly. int4 is the drafter's default (a drafter's errors cost speed, never
-correctness); the verifier tiers stay unquantized unless configured.
+forward pass faster while the activations stay in the model's dtype. int4 layers are built from
+float weights (each group's min and max span the codes) or from the codes a GGUF checkpoint holds
+(``models/gguf_int4.py``: Q4_K / Q4_0 / Q4_1 blocks are such groups, so those layers are the
+checkpoint's own weights). ``config.ModelConfig.precision`` chooses; int4 is the drafter's default
+(a drafter's errors cost speed, never correctness).
 
 On a CPU the layers below call torch's own packed kernels (``_weight_int4pack_mm_for_cpu``,
-``_weight_int8pack_mm``); torchao 0.18, the latest release, has no CPU int4 layout (its int4
-weight-only tensors need CUDA or the mslk kernels). On any other device the model goes through
-torchao's ``quantize_`` (int8 weight-only; int4 weight-only in tinygemm's tile-packed layout,
-groups of 32), and a device neither path serves is a config error: weights are never
-de-quantized per forward.
+``_weight_int8pack_mm``); torchao 0.18, the latest release, has no CPU int4 weight-only layout (its
+int4 weight-only tensors need CUDA or the mslk kernels). torch's int4 kernel is a matrix-vector
+kernel: 2x faster than bf16 at one token, no faster at five (README, 4-bit GGUF weights). On any
+other device the model goes through torchao's ``quantize_`` (int8 weight-only; int4 weight-only in
+tinygemm's tile-packed layout, groups of 32), and a device neither path serves is a config error:
+weights are never de-quantized per forward.
 """
 
 from __future__ import annotations
@@ -86,9 +85,10 @@ class Int4WeightOnlyLinear(nn.Module):
         assert codes.device.type == "cpu", "other devices quantize through torchao (quantize)"
         zero = low + 8.0 * scale  # the kernel computes (code - 8) * scale + zero
         # [in / g, out, 2]: scale and zero of each group and output channel
-        # the kernel takes them in its input's dtype: float32 for float32 / float64 models (each weight
-        # then exactly scale * code + low, to float32 rounding), else bf16
-        self.kernel_dtype = torch.float32 if dtype in (torch.float32, torch.float64) else torch.bfloat16
+        # the kernel takes them in its input's dtype: bf16 (its float32 path is 30x slower: 20 vs 0.6 ms for a
+        # 1536 x 8960 layer at one token on a 2-core Xeon), float32 only for float64 models (tests: each
+        # weight then exactly scale * code + low, to float32 rounding)
+        self.kernel_dtype = torch.float32 if dtype == torch.float64 else torch.bfloat16
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.kernel_dtype)
         self.group, self.in_features, self.out_features = group, in_features, out_features
         self.packed = True
