@@ -121,20 +121,25 @@ def q4_tensors(path: str | Path, config, layers: list[int] | None = None) -> dic
     found = {}
     for index, layer in enumerate(layers if layers is not None else range(config.num_hidden_layers)):
         for module, short in LAYER_LINEARS.items():
-            tensor = by_name.get(f"blk.{layer}.{short}.weight")
-            if tensor is None or int(tensor.tensor_type) not in BLOCK_BYTES:
+            weights = _read(by_name.get(f"blk.{layer}.{short}.weight"))
+            if weights is None:
                 continue
-            inputs, out = (int(x) for x in tensor.shape)  # GGUF lists the fastest dimension first
-            weights = read_q4(int(tensor.tensor_type), tensor.data, (out, inputs))
             if llama and short in ("attn_q", "attn_k"):
                 heads = config.num_attention_heads if short == "attn_q" else config.num_key_value_heads
-                weights = weights.rows(unpermute_rows(heads, out))
+                weights = weights.rows(unpermute_rows(heads, weights.codes.shape[0]))
             found[f"model.layers.{index}.{module}"] = weights
-    head = by_name.get("output.weight")
-    if head is not None and int(head.tensor_type) in BLOCK_BYTES:
-        inputs, out = (int(x) for x in head.shape)
-        found["lm_head"] = read_q4(int(head.tensor_type), head.data, (out, inputs))
+    head = _read(by_name.get("output.weight"))
+    if head is not None:
+        found["lm_head"] = head
     return found
+
+
+def _read(tensor) -> Q4Tensor | None:
+    """A GGUFReader tensor as a Q4Tensor, or None when it is missing or not in a 4-bit format read here."""
+    if tensor is None or int(tensor.tensor_type) not in BLOCK_BYTES:
+        return None
+    inputs, out = (int(x) for x in tensor.shape)  # GGUF lists the fastest dimension first
+    return read_q4(int(tensor.tensor_type), tensor.data, (out, inputs))
 
 
 def apply_gguf_int4(model: nn.Module, path: str | Path, layers: list[int] | None = None) -> dict[str, int]:

@@ -65,8 +65,14 @@ class ResolvedSource:
     location: str  # tiny model name, checkpoint directory or .gguf path
     registry: str | None = None  # the registry model the directory was converted from
 
+    @property
+    def has_gguf(self) -> bool:
+        """Whether the checkpoint is a GGUF file's: a .gguf source, or a registry model converted from one."""
+        return self.kind == "gguf" or self.registry is not None
+
     def gguf(self) -> Path | None:
-        """The GGUF file holding this checkpoint's own quantized blocks, if it has one."""
+        """The GGUF file holding this checkpoint's own quantized blocks (a registry model's may be assembled
+        again for a cache pulled before it was kept), if it has one."""
         if self.kind == "gguf":
             return Path(self.location)
         if self.registry is not None:
@@ -142,15 +148,14 @@ def resolve_precision(precision: str, resolved: ResolvedSource, device: str, dra
     """``precision: auto`` made concrete for a model from ``resolved`` running on ``device``: on a CPU
     int4 for a drafter, gguf for a verifier whose checkpoint is a GGUF file with 4-bit blocks (exact to
     it, fewer bytes per token), else bf16; off the CPU bf16 (a drafter int4)."""
-    if precision == "gguf" and resolved.kind == "tiny":
+    if precision == "gguf" and not resolved.has_gguf:
         raise ConfigError("precision: expected a GGUF checkpoint (a registry model or a .gguf file) for 'gguf', "
-                          f"received the tiny model {resolved.location!r}; use int4 or bf16")
+                          f"received the {resolved.kind} checkpoint {resolved.location!r}; use int4 or bf16")
     if precision != "auto":
         return precision
     if drafter:
         return "int4"
-    cpu = torch.device(device).type == "cpu"
-    return "gguf" if cpu and (resolved.kind == "gguf" or resolved.registry is not None) else "bf16"
+    return "gguf" if torch.device(device).type == "cpu" and resolved.has_gguf else "bf16"
 
 
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
@@ -164,17 +169,13 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
     first (DeepSpeed loads on the host and moves each shard to its GPU)."""
     model = _load(resolved, torch_dtype(dtype, dtype_device or device), layers, attn_implementation).to(device)
     try:
-        if precision in ("int4", "gguf"):
-            gguf = resolved.gguf()
-            if gguf is None and precision == "gguf":
-                raise ValueError(f"precision: expected a GGUF checkpoint (a registry model or a .gguf file) for "
-                                 f"'gguf', received the checkpoint {resolved.location!r}; use int4 or bf16")
-            cpu = torch.device(device).type == "cpu"
-            if precision == "gguf" and not cpu:
+        precision = resolve_precision(precision, resolved, device)  # a gguf precision needs a GGUF checkpoint
+        if precision in ("int4", "gguf") and resolved.has_gguf:
+            if torch.device(device).type == "cpu":
+                apply_gguf_int4(model, resolved.gguf(), layers)
+            elif precision == "gguf":  # elsewhere int4 quantizes every layer through torchao
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                                  "GGUF checkpoint's own 4-bit blocks are served on CPUs only)")
-            if gguf is not None and cpu:  # elsewhere int4 quantizes every layer through torchao
-                apply_gguf_int4(model, gguf, layers)
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
         return kernels.apply(quantize(model, scheme), linear_kernel)
     except ValueError as err:

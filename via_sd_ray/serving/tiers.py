@@ -49,8 +49,9 @@ class TierServer:
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
         if runner is None:  # device: auto is the GPU Ray gave this replica, or the CPU
             self.config = placed(self.config, accelerator_ids())
-            if self.config.serving.gpu_memory_share is None and gpu_share() is not None:  # num_gpus: 0.25
-                serving = self.config.serving.model_copy(update={"gpu_memory_share": gpu_share()})
+            share = gpu_share()  # num_gpus: 0.25
+            if self.config.serving.gpu_memory_share is None and share is not None:
+                serving = self.config.serving.model_copy(update={"gpu_memory_share": share})
                 self.config = self.config.model_copy(update={"serving": serving})
         if self.config.threads:
             import torch
