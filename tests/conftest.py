@@ -6,9 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.scenarios import scenario  # noqa: F401  (the fixture)
+from tests.scenarios import start as start_scenarios
+from tests.scenarios import stop_all as stop_scenarios
+
 # The tensors here are tiny: one thread is ~10x faster than an OpenMP team on a shared 2-core
 # machine, where spinning threads fight the other processes for the cores.
 torch.set_num_threads(1)
+
+
+
+def pytest_collection_finish(session):
+    start_scenarios(session.config, session.items)
+
+
+def pytest_unconfigure(config):
+    stop_scenarios(config)
+
 
 TINY_ARGS = {
     "models": {

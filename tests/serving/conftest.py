@@ -55,7 +55,8 @@ def cluster():
     from via_sd_ray.serving.grpc_service import SERVICER_FUNCTIONS
 
     http_port, grpc_port, metrics_port, dash_port = (free_port() for _ in range(4))
-    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash_port,
+    # address "local": a new cluster, never one another test's scenario started beside this one
+    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash_port,
              _metrics_export_port=metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)})

@@ -4,21 +4,14 @@ one-node cluster for the whole session)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+import pytest
 
 
-def test_low_confidence_burst_scales_the_full_verifier_only_and_settles_back(tmp_path):
-    out = tmp_path / "scenario.json"
-    run = subprocess.run([sys.executable, "-m", "tests.serving.multinode_scenario", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=420)
-    print(run.stdout)  # the replica counts over time (pytest -s, or shown on failure)
-    assert run.returncode == 0, run.stderr[-3000:]
-    record = json.loads(out.read_text())
+@pytest.mark.scenario("tests.serving.multinode_scenario")
+def test_low_confidence_burst_scales_the_full_verifier_only_and_settles_back(scenario):
+    code, record, log = scenario(timeout_s=480)
+    print(log)  # the replica counts over time (pytest -s, or shown on failure)
+    assert code == 0, log
     assert set(record["placement"]) == {"Router", "Drafter", "SlimVerifier", "FullVerifier"}
     assert all(p["on_its_node"] for p in record["placement"].values()), record["placement"]
     assert record["errors"] == [] and record["requests"] > 0

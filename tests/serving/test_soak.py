@@ -19,7 +19,7 @@ from ray import serve
 MODEL = "via-sd-tiny"
 DEPLOYMENTS = ("Router", "Drafter", "SlimVerifier", "FullVerifier")
 TIERS = DEPLOYMENTS[1:]
-REQUESTS, CONCURRENCY = 320, 16
+REQUESTS, CONCURRENCY = 192, 16
 
 
 def stats(app: str = "via-sd") -> dict[str, dict]:

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +20,6 @@ from via_sd_ray.models.sharded import ShardedStack, ShardFailure, ShardGroup, Sh
 from via_sd_ray.serving.tiers import TierServer
 from via_sd_ray.serving.tp_workers import RayShardLauncher, shard_launcher
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = {"models": {"drafter": {"source": "tiny-random:drafter", "dtype": "float64", "quantization": "none"},
                    "verifier": {"source": "tiny-random:verifier", "dtype": "float64"}},
         "slim": {"layers": [0, 1, 3]}}
@@ -31,13 +27,11 @@ TINY = {"models": {"drafter": {"source": "tiny-random:drafter", "dtype": "float6
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                     reason="deepspeed is not installed (pip install 'via-sd-ray[deepspeed]')")
-def test_tp2_in_a_placement_group_gives_the_tokens_of_tp1_and_a_dead_rank_fails_it(tmp_path):
-    out = tmp_path / "tp.json"
-    run = subprocess.run([sys.executable, "-m", "tests.serving.tp_scenario", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=540)
-    record = json.loads(out.read_text()) if out.exists() else {}
+@pytest.mark.scenario("tests.serving.tp_scenario", "tiny")
+def test_tp2_in_a_placement_group_gives_the_tokens_of_tp1_and_a_dead_rank_fails_it(scenario):
+    code, record, log = scenario(timeout_s=540)
     print(json.dumps(record, indent=1)[:4000])
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert code == 0, log
     info = record["tp2_info"]
     assert (info["q_proj"], info["o_proj"], info["lm_head"]) == ("LinearLayer", "LinearAllreduce",
                                                                  "LmHeadLinearAllreduce")
