@@ -15,7 +15,6 @@ from tests.scenarios import stop_all as stop_scenarios
 torch.set_num_threads(1)
 
 
-
 def pytest_collection_finish(session):
     start_scenarios(session.config, session.items)
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +20,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
 SLIM_LAYERS = list(range(0, 24)) + [27, 29]  # of 30
 PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.", "List three facts about the Moon."]
@@ -56,13 +52,11 @@ def test_one_rank_gives_the_greedy_tokens_of_hf():
     assert slim_blocks > 0
 
 
-def test_two_ranks_over_ray_give_the_tokens_of_one(tmp_path):
-    out = tmp_path / "tp.json"
-    run = subprocess.run([sys.executable, "-m", "tests.serving.tp_scenario", str(out), "smollm2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    record = json.loads(out.read_text()) if out.exists() else {}
+@pytest.mark.scenario("tests.serving.tp_scenario", "smollm2")
+def test_two_ranks_over_ray_give_the_tokens_of_one(scenario):
+    code, record, log = scenario(timeout_s=900)
     print(json.dumps(record, indent=1)[:4000])
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert code == 0, log
     assert record["tp2_info"]["kv_heads"] == 2  # rank 0's share of 3 KV heads (rank 1 holds 1)
     assert record["mismatches"] == {} and record["compared"] == 8
     assert record["check_after_kill"].startswith("ShardFailure")
