@@ -36,18 +36,18 @@ def test_float64_falls_back_to_dequantized_matmul():
 
 
 def test_int4_linear_is_close_to_float_and_packs_on_cpu():
-    from via_sd_ray.models.quant import Int4WeightOnlyLinear, quantize
+    from via_sd_ray.models.quant import PackedLinear, quantize
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
-    q = Int4WeightOnlyLinear(lin)
+    q = PackedLinear.from_float(lin)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     ref = lin(x).float()
-    assert q.packed
+    assert q.codes.dtype == torch.uint8 and q.codes.numel() == 64 * 64 // 2  # 48 rows padded to a block of 64
     assert (q(x).float() - ref).abs().max() < 0.1 * ref.abs().max()
     model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 8)).to(torch.bfloat16)
     quantize(model, "int4-weight-only")
-    assert isinstance(model[0], Int4WeightOnlyLinear)
+    assert isinstance(model[0], PackedLinear)
     assert isinstance(model[1], Int8WeightOnlyLinear)  # 16 inputs: not a multiple of the group size
 
 

@@ -18,17 +18,17 @@ def test_a_real_q4_1_tensor_equals_the_gguf_dequantization_and_the_float_checkpo
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from via_sd_ray.models import gguf_int4
+    from via_sd_ray.models import gguf_blocks
 
     path = registry.gguf_file(MODEL)
     config = AutoConfig.from_pretrained(path.parent)
     (tensor,) = [t for t in GGUFReader(str(path)).tensors if t.name == "blk.3.attn_q.weight"]
     assert tensor.tensor_type.name == "Q4_1"
     inputs, rows = (int(x) for x in tensor.shape)
-    weights = gguf_int4.read_q4(int(tensor.tensor_type), tensor.data, (rows, inputs))
+    weights = gguf_blocks.read_blocks(int(tensor.tensor_type), tensor.data, (rows, inputs))
     reference = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).reshape(rows, inputs))
     assert torch.equal(weights.dequantize(), reference)
-    order = gguf_int4.unpermute_rows(config.num_attention_heads, rows)  # llama: q rows as transformers has them
+    order = gguf_blocks.unpermute_rows(config.num_attention_heads, rows)  # llama: q rows as transformers has them
     with safe_open(str(path.parent / "model.safetensors"), "pt") as f:
         converted = f.get_tensor("model.layers.3.self_attn.q_proj.weight")
     assert torch.equal(weights.rows(order).dequantize().to(converted.dtype), converted)  # it is bf16(w)

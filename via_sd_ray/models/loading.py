@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from via_sd_ray.errors import ConfigError
-from via_sd_ray.models import kernels, registry, tiny
+from via_sd_ray.models import kernels, qmm, registry, tiny
 from via_sd_ray.models.decoder import check_layers, keep_layers
-from via_sd_ray.models.gguf_int4 import apply_gguf_int4
+from via_sd_ray.models.gguf_blocks import FOUR_BIT, apply_gguf_blocks
 from via_sd_ray.models.quant import quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -146,16 +146,22 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 def resolve_precision(precision: str, resolved: ResolvedSource, device: str, drafter: bool = False) -> str:
     """``precision: auto`` made concrete for a model from ``resolved`` running on ``device``: on a CPU
-    int4 for a drafter, gguf for a verifier whose checkpoint is a GGUF file with 4-bit blocks (exact to
-    it, fewer bytes per token), else bf16; off the CPU bf16 (a drafter int4)."""
+    int4 for a drafter, gguf for a verifier whose checkpoint is a GGUF file (exact to it, fewer bytes per
+    token), else bf16; off the CPU bf16 (a drafter int4). On a CPU, int4 and gguf run on the grouped kernel
+    (``models/qmm.py``): where it cannot be built, auto is bf16 and asking for them is a config error."""
     if precision == "gguf" and not resolved.has_gguf:
         raise ConfigError("precision: expected a GGUF checkpoint (a registry model or a .gguf file) for 'gguf', "
                           f"received the {resolved.kind} checkpoint {resolved.location!r}; use int4 or bf16")
-    if precision != "auto":
+    on_cpu = torch.device(device).type == "cpu"
+    if precision == "auto":
+        precision = "int4" if drafter else "gguf" if on_cpu and resolved.has_gguf else "bf16"
+        if on_cpu and precision != "bf16" and qmm.available() is not None:
+            return "bf16"  # qmm logged why
         return precision
-    if drafter:
-        return "int4"
-    return "gguf" if torch.device(device).type == "cpu" and resolved.has_gguf else "bf16"
+    if on_cpu and precision in ("int4", "gguf") and qmm.available() is not None:
+        raise ConfigError(f"precision: {precision!r} on a CPU runs on the via_sd qmm kernel, which could not be built "
+                          f"here ({qmm.available()}); install a C++ compiler and ninja, or use bf16 or int8")
+    return precision
 
 
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
@@ -171,11 +177,11 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
     try:
         precision = resolve_precision(precision, resolved, device)  # a gguf precision needs a GGUF checkpoint
         if precision in ("int4", "gguf") and resolved.has_gguf:
-            if torch.device(device).type == "cpu":
-                apply_gguf_int4(model, resolved.gguf(), layers)
+            if torch.device(device).type == "cpu":  # int4: the file's 4-bit blocks; gguf: all it holds in blocks
+                apply_gguf_blocks(model, resolved.gguf(), layers, FOUR_BIT if precision == "int4" else None)
             elif precision == "gguf":  # elsewhere int4 quantizes every layer through torchao
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
-                                 "GGUF checkpoint's own 4-bit blocks are served on CPUs only)")
+                                 "GGUF checkpoint's own blocks are served on CPUs only)")
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
         return kernels.apply(quantize(model, scheme), linear_kernel)
     except ValueError as err:

@@ -4,23 +4,27 @@ groups of 32 input channels (asymmetric: ``w = scale * code + low`` per group).
 Decoding one token on a CPU is bound by reading the weights, so smaller weights make a
 forward pass faster while the activations stay in the model's dtype. int4 layers are built from
 float weights (each group's min and max span the codes) or from the codes a GGUF checkpoint holds
-(``models/gguf_int4.py``: Q4_K / Q4_0 / Q4_1 blocks are such groups, so those layers are the
+(``models/gguf_blocks.py``: Q4_K / Q4_0 / Q4_1 blocks are such groups, so those layers are the
 checkpoint's own weights). ``config.ModelConfig.precision`` chooses; int4 is the drafter's default
 (a drafter's errors cost speed, never correctness).
 
-On a CPU the layers below call torch's own packed kernels (``_weight_int4pack_mm_for_cpu``,
-``_weight_int8pack_mm``); torchao 0.18, the latest release, has no CPU int4 weight-only layout (its
-int4 weight-only tensors need CUDA or the mslk kernels). torch's int4 kernel is a matrix-vector
-kernel: 2x faster than bf16 at one token, no faster at five (README, 4-bit GGUF weights). On any
-other device the model goes through torchao's ``quantize_`` (int8 weight-only; int4 weight-only in
-tinygemm's tile-packed layout, groups of 32), and a device neither path serves is a config error:
-weights are never de-quantized per forward.
+On a CPU, int4 layers (and a GGUF checkpoint's Q6_K layers, at 8 bits a code) run on the grouped kernel
+of ``models/qmm.py``, int8 on torch's ``_weight_int8pack_mm``. Why not a library: torchao 0.18, the
+latest release, has no CPU int4 weight-only layout (its int4 weight-only tensors need CUDA or the mslk
+kernels; its int8-activation layouts either de-quantize per call or need its C++ kernel library, which
+the PyPI wheel does not load here), and torch's own ``_weight_int4pack_mm_for_cpu`` is a matrix-vector
+kernel, 2x faster than bf16 at one token and no faster at five: SD's verify passes got nothing from 4
+bits (README, 4-bit GGUF weights). On any other device the model goes through torchao's ``quantize_``
+(int8 weight-only; int4 weight-only in tinygemm's tile-packed layout, groups of 32), and a device
+neither path serves is a config error: weights are never de-quantized per forward.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from via_sd_ray.models import qmm
 
 _PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the CPU int8 kernel takes
 
@@ -53,16 +57,33 @@ class Int8WeightOnlyLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-class Int4WeightOnlyLinear(nn.Module):
-    """``nn.Linear`` with 4-bit weights in groups of ``group`` input channels: ``w = scale * code + low``
-    per group and output row, packed for torch's CPU int4 matmul kernel. Built from a float layer
-    (``Int4WeightOnlyLinear(linear)``: each group's min and max span the codes 0..15) or from codes a
-    checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks, models/gguf_int4.py)."""
+class PackedLinear(nn.Module):
+    """``nn.Linear`` with low-bit weights in groups of ``group`` input channels: ``w = scale * code + low`` per
+    group and output row, packed for the grouped CPU kernel (``models/qmm.py``). Built from a float layer
+    (``PackedLinear.from_float``: int4, each group's min and max span the codes 0..15) or from codes a
+    checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks at 4 bits, its Q6_K blocks at 8,
+    models/gguf_blocks.py)."""
 
-    def __init__(self, linear: nn.Linear | None = None, group: int = 32):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
+                 bits: int = 4, group: int = 32):
         super().__init__()
-        if linear is None:  # from_codes fills it in
-            return
+        assert codes.device.type == "cpu", "other devices quantize through torchao (quantize)"
+        self.out_features, self.in_features = codes.shape
+        self.bits, self.group = bits, group
+        packed, meta = qmm.pack(codes, scale, low, bits, group)
+        self.register_buffer("codes", packed)
+        self.register_buffer("meta", meta)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
+                   bits: int = 4, group: int = 32) -> PackedLinear:
+        """``codes`` [out, in] below 2**bits, ``scale`` and ``low`` [out, in / group]: ``w = scale * code + low``."""
+        return cls(codes, scale, low, bias, bits, group)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group: int = 32) -> PackedLinear:
+        """int4 from float weights: each group's min and max span the codes 0..15."""
         weight = linear.weight.detach().float()  # [out, in]
         out_features, in_features = weight.shape
         assert in_features % group == 0, (in_features, group)
@@ -70,41 +91,20 @@ class Int4WeightOnlyLinear(nn.Module):
         low, high = grouped.amin(-1), grouped.amax(-1)
         scale = ((high - low) / 15.0).clamp_min(1e-8)
         codes = ((grouped - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(out_features, in_features)
-        self._pack(codes, scale, low, linear.bias, linear.weight.dtype, group)
+        return cls(codes.to(torch.uint8), scale, low, linear.bias, 4, group)
 
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
-                   dtype: torch.dtype, group: int = 32) -> Int4WeightOnlyLinear:
-        """``codes`` [out, in] in 0..15, ``scale`` and ``low`` [out, in / group]: ``w = scale * code + low``."""
-        layer = cls()
-        layer._pack(codes, scale, low, bias, dtype, group)
-        return layer
-
-    def _pack(self, codes, scale, low, bias, dtype, group) -> None:
-        out_features, in_features = codes.shape
-        assert codes.device.type == "cpu", "other devices quantize through torchao (quantize)"
-        zero = low + 8.0 * scale  # the kernel computes (code - 8) * scale + zero
-        # [in / g, out, 2]: scale and zero of each group and output channel
-        # the kernel takes them in its input's dtype: bf16 (its float32 path is 30x slower: 20 vs 0.6 ms for a
-        # 1536 x 8960 layer at one token on a 2-core Xeon), float32 only for float64 models (tests: each
-        # weight then exactly scale * code + low, to float32 rounding)
-        self.kernel_dtype = torch.float32 if dtype == torch.float64 else torch.bfloat16
-        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(self.kernel_dtype)
-        self.group, self.in_features, self.out_features = group, in_features, out_features
-        self.packed = True
-        self.register_buffer("weight_int4",
-                             torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8))
-        self.register_buffer("scales_zeros", scales_zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.compute_dtype = dtype
+    @property
+    def weight(self) -> torch.Tensor:
+        """The de-quantized weight [out, in] in float32 (for checks; the forward never builds it)."""
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        return qmm.matmul(eye, self.codes, self.meta, self.out_features, self.bits, self.group).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)  # [N, in]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.kernel_dtype), self.weight_int4, self.group,
-                                                         self.scales_zeros).to(flat.dtype)  # [N, out]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        out = qmm.matmul(x, self.codes, self.meta, self.out_features, self.bits, self.group)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
 
 
 SCHEMES = ("none", "int8-weight-only", "int4-weight-only")
@@ -112,7 +112,7 @@ SCHEMES = ("none", "int8-weight-only", "int4-weight-only")
 
 def quantize(model: nn.Module, scheme: str) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place (the LM head included). int4 falls back to
-    int8 for a layer the packed kernel cannot take (inputs not a multiple of 32, outputs of 16)."""
+    int8 for a layer the grouped kernel cannot take (inputs not a multiple of 32)."""
     if scheme == "none":
         return model
     if scheme not in SCHEMES:
@@ -124,8 +124,8 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
-            if scheme == "int4-weight-only" and child.in_features % 32 == 0 and child.out_features % 16 == 0:
-                setattr(module, name, Int4WeightOnlyLinear(child))
+            if scheme == "int4-weight-only" and child.in_features % 32 == 0:
+                setattr(module, name, PackedLinear.from_float(child))
             else:
                 setattr(module, name, Int8WeightOnlyLinear(child))
     return model

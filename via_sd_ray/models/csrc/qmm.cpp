@@ -1,0 +1,365 @@
+// Grouped low-bit weight matmul on CPUs: y[M, N] = x[M, K] . W[N, K]^T, where each group of G inputs
+// of each output row holds w = scale * code + low (code < 128; 4-bit codes packed two to a byte,
+// 8-bit codes one to a byte). One pass over the packed weights serves all M rows of x, so a verify
+// block or a batch of decode rows reads each weight once, and the activations stay in the model's
+// dtype (bf16 products accumulate in float32, nothing is rounded to int8).
+//
+// Packed layout (built by via_sd_ray/models/qmm.py:pack), per block of 32 output rows (two tiles of 16)
+// and group, so that a thread streams its blocks' weights in one run:
+//   codes  uint8  [blocks, groups, 2 tiles, 16 * G * BITS / 8]
+//          8 bits: per pair of inputs (k, k+1) 32 bytes; byte j = row j/2, input k + j%2.
+//          4 bits: per unit of 32 bytes two such pairs: the low nibbles the pair u, the high nibbles the
+//          pair u + G/4 (G/4 units a group).
+//   meta   fp16   [blocks, groups, 2 tiles, 2, 16]: the group's scale, then its low, of the tile's rows.
+// A 32-byte unit widened to 16-bit words is then 16 rows x 2 inputs, what vdpbf16ps multiplies with a
+// broadcast pair of x; a code q becomes the bf16 of 128 + q by or-ing 0x4300 into its word (exact for
+// q < 128), and the group's sum folds the 128 back out: scale * S + (low - 128 * scale) * sum(x).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QMM_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define QMM_AVX512BF16 1
+#endif
+
+namespace {
+
+constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
+constexpr int BLOCK = 32;  // output rows per block: two tiles
+constexpr int MT = 4;      // rows of x per register block
+
+float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+inline int64_t group_bytes(int64_t bits, int64_t group) { return TILE * group * bits / 8; }
+
+// The code of tile row r at input offset k (within a group) from a packed group.
+inline int code_at(const uint8_t* c, int64_t bits, int64_t group, int r, int k) {
+  int pair = k / 2, half = k % 2;
+  if (bits == 8) return c[pair * 32 + r * 2 + half];
+  int units = group / 4;
+  int unit = pair % units, high = pair / units;
+  uint8_t byte = c[unit * 32 + r * 2 + half];
+  return high ? byte >> 4 : byte & 15;
+}
+
+// Portable reference: every ISA's result should equal it to float32 rounding.
+// ``codes`` / ``meta``: the tile's first group; a block's groups are 2 tiles apart.
+void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes, const uint16_t* meta,
+                 int64_t bits, int64_t group, float* y, int64_t ldy, int64_t n_valid) {
+  int64_t groups = K / group, gbytes = group_bytes(bits, group);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int r = 0; r < n_valid; ++r) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* c = codes + g * 2 * gbytes;
+        float scale = half_to_float(meta[g * 64 + r]), low = half_to_float(meta[g * 64 + 16 + r]);
+        float dot = 0.f, sum = 0.f;
+        for (int k = 0; k < group; ++k) {
+          float xv = x[m * K + g * group + k];
+          dot += code_at(c, bits, group, r, k) * xv;
+          sum += xv;
+        }
+        total += scale * dot + low * sum;
+      }
+      y[m * ldy + r] = total;
+    }
+  }
+}
+
+#ifdef QMM_AVX2
+// float32 x, AVX2 + FMA: 16 rows as two vectors of 8, codes widened to float32.
+template <int BITS, int G, int R>
+void block_avx2(const float* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, int64_t ldy,
+                int64_t n_valid, const float* xsum) {
+  constexpr int64_t gbytes = TILE * G * BITS / 8;
+  const int64_t groups = K / G;
+  __m256 yacc[R][2];
+  for (int m = 0; m < R; ++m) yacc[m][0] = yacc[m][1] = _mm256_setzero_ps();
+  const __m256i even_mask = _mm256_set1_epi16(0x00FF);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* c = codes + g * 2 * gbytes;
+    __m256 acc[R][2];
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    constexpr int pairs = G / 2;
+    for (int p = 0; p < pairs; ++p) {
+      // the 32 bytes of rows x (k, k+1) for this pair
+      __m256i raw;
+      if (BITS == 8) {
+        raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + p * 32));
+      } else {
+        constexpr int units = G / 4;
+        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (p % units) * 32));
+        raw = p < units ? _mm256_and_si256(packed, _mm256_set1_epi8(15))
+                        : _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(15));
+      }
+      // words: even bytes are input k of rows 0..15, odd bytes input k + 1
+      __m256i even = _mm256_and_si256(raw, even_mask), odd = _mm256_srli_epi16(raw, 8);
+      // 16 words -> two vectors of 8 floats (rows 0-7, 8-15)
+      __m256 w0k = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
+      __m256 w1k = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
+      __m256 w0k1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd)));
+      __m256 w1k1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd, 1)));
+      const int64_t k = g * G + 2 * p;
+      for (int m = 0; m < R; ++m) {
+        __m256 xk = _mm256_broadcast_ss(x + m * K + k), xk1 = _mm256_broadcast_ss(x + m * K + k + 1);
+        acc[m][0] = _mm256_fmadd_ps(w0k, xk, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1k, xk, acc[m][1]);
+        acc[m][0] = _mm256_fmadd_ps(w0k1, xk1, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1k1, xk1, acc[m][1]);
+      }
+    }
+    const uint16_t* mg = meta + g * 64;
+    __m256 sc0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg)));
+    __m256 sc1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + 8)));
+    __m256 lo0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + 16)));
+    __m256 lo1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + 24)));
+    for (int m = 0; m < R; ++m) {
+      __m256 s = _mm256_broadcast_ss(xsum + m * groups + g);
+      yacc[m][0] = _mm256_fmadd_ps(sc0, acc[m][0], _mm256_fmadd_ps(lo0, s, yacc[m][0]));
+      yacc[m][1] = _mm256_fmadd_ps(sc1, acc[m][1], _mm256_fmadd_ps(lo1, s, yacc[m][1]));
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    if (n_valid == TILE) {
+      _mm256_storeu_ps(y + m * ldy, yacc[m][0]);
+      _mm256_storeu_ps(y + m * ldy + 8, yacc[m][1]);
+    } else {
+      float tmp[TILE];
+      _mm256_storeu_ps(tmp, yacc[m][0]);
+      _mm256_storeu_ps(tmp + 8, yacc[m][1]);
+      std::memcpy(y + m * ldy, tmp, n_valid * sizeof(float));
+    }
+  }
+}
+#endif
+
+#ifdef QMM_AVX512BF16
+// bf16 x, AVX512-BF16: 16 rows in one vector, each vdpbf16ps a pair of inputs. A block is two tiles (32
+// rows), so each broadcast pair of x feeds two vdpbf16ps (a broadcast costs a vector uop on some cores,
+// e.g. AMD Zen 4: one per vdpbf16ps halves its throughput). vdpbf16ps has a latency of ~6 cycles at one
+// a cycle: R rows x 2 tiles x S accumulators keep >= 8 chains in flight.
+template <int BITS, int G, int R>
+void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, int64_t ldy,
+                int64_t n_valid, const float* xsum) {
+  constexpr int64_t gbytes = TILE * G * BITS / 8;  // one tile's codes of a group
+  constexpr int S = R >= 3 ? 1 : 2;
+  const int64_t groups = K / G;
+  const __m512i nibble = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  const __m512 c128 = _mm512_set1_ps(128.f);
+  __m512 yacc[R][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) yacc[m][0] = yacc[m][1] = _mm512_setzero_ps();
+  auto pair = [](const uint16_t* p) { int32_t v; std::memcpy(&v, p, 4); return (__m512bh)_mm512_set1_epi32(v); };
+  auto widen = [](const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* c = codes + g * 2 * gbytes;
+    const uint16_t* xg = x + g * G;
+    __m512 acc[R][2][S];
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+      for (int s = 0; s < S; ++s) acc[m][0][s] = acc[m][1][s] = _mm512_setzero_ps();
+    if (BITS == 4) {
+      constexpr int units = G / 4;
+#pragma GCC unroll 8
+      for (int u = 0; u < units; ++u) {
+        // (v & 15) | 0x4300 of each tile's low nibbles, and of its high ones: ternary logic A & B | C = 0xEA
+        __m512i v0 = widen(c + u * 32), v1 = widen(c + gbytes + u * 32);
+        __m512bh lo0 = (__m512bh)_mm512_ternarylogic_epi32(v0, nibble, bias, 0xEA);
+        __m512bh lo1 = (__m512bh)_mm512_ternarylogic_epi32(v1, nibble, bias, 0xEA);
+        __m512bh hi0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 4), nibble, bias, 0xEA);
+        __m512bh hi1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v1, 4), nibble, bias, 0xEA);
+        constexpr int hs = S - 1;  // the high nibbles' accumulator
+#pragma GCC unroll 4
+        for (int m = 0; m < R; ++m) {
+          const __m512bh a = pair(xg + m * K + 2 * u), b = pair(xg + m * K + 2 * (u + units));
+          acc[m][0][0] = _mm512_dpbf16_ps(acc[m][0][0], lo0, a);
+          acc[m][1][0] = _mm512_dpbf16_ps(acc[m][1][0], lo1, a);
+          acc[m][0][hs] = _mm512_dpbf16_ps(acc[m][0][hs], hi0, b);
+          acc[m][1][hs] = _mm512_dpbf16_ps(acc[m][1][hs], hi1, b);
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int p = 0; p < G / 2; ++p) {
+        __m512bh w0 = (__m512bh)_mm512_or_si512(widen(c + p * 32), bias);
+        __m512bh w1 = (__m512bh)_mm512_or_si512(widen(c + gbytes + p * 32), bias);
+        constexpr int s = 0;
+        const int t = S == 2 ? (p & 1) : s;
+#pragma GCC unroll 4
+        for (int m = 0; m < R; ++m) {
+          const __m512bh a = pair(xg + m * K + 2 * p);
+          acc[m][0][t] = _mm512_dpbf16_ps(acc[m][0][t], w0, a);
+          acc[m][1][t] = _mm512_dpbf16_ps(acc[m][1][t], w1, a);
+        }
+      }
+    }
+    const uint16_t* mg = meta + g * 64;  // [tile][scale | low][16]
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; ++t) {
+      __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32)));
+      __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32 + 16)));
+      __m512 shifted = _mm512_fnmadd_ps(sc, c128, lo);  // low - 128 * scale
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m) {
+        __m512 sum = S == 2 ? _mm512_add_ps(acc[m][t][0], acc[m][t][S - 1]) : acc[m][t][0];
+        yacc[m][t] = _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(shifted, _mm512_set1_ps(xsum[m * groups + g]), yacc[m][t]));
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int t = 0; t < 2; ++t) {
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(TILE, n_valid - t * TILE));
+    const __mmask16 keep = valid == TILE ? 0xFFFF : (__mmask16)((1u << valid) - 1);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) _mm512_mask_storeu_ps(y + m * ldy + t * TILE, keep, yacc[m][t]);
+  }
+}
+#endif
+
+template <typename Fn>
+void dispatch_rows(int64_t rows, Fn&& fn) {
+  switch (rows) {
+    case 1: fn(std::integral_constant<int, 1>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    default: fn(std::integral_constant<int, MT>()); break;
+  }
+}
+
+template <typename Fn>
+void dispatch_format(int64_t bits, int64_t group, Fn&& fn) {
+  if (bits == 4 && group == 32) fn(std::integral_constant<int, 4>(), std::integral_constant<int, 32>());
+  else if (bits == 4 && group == 16) fn(std::integral_constant<int, 4>(), std::integral_constant<int, 16>());
+  else if (bits == 8 && group == 32) fn(std::integral_constant<int, 8>(), std::integral_constant<int, 32>());
+  else fn(std::integral_constant<int, 8>(), std::integral_constant<int, 16>());
+}
+
+enum class Isa { kScalar, kAvx2, kAvx512Bf16 };
+
+// The inner kernel that serves x of this dtype on this build.
+Isa isa_for(at::ScalarType dtype, bool reference) {
+  if (reference) return Isa::kScalar;
+#ifdef QMM_AVX512BF16
+  if (dtype == at::kBFloat16) return Isa::kAvx512Bf16;
+#endif
+#ifdef QMM_AVX2
+  return Isa::kAvx2;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& meta, int64_t n, int64_t bits,
+               int64_t group, bool reference) {
+  TORCH_CHECK(bits == 4 || bits == 8, "qmm: expected bits 4 or 8, received ", bits);
+  TORCH_CHECK(group == 16 || group == 32, "qmm: expected a group of 16 or 32, received ", group);
+  TORCH_CHECK(x_in.dim() == 2, "qmm: expected x [M, K], received ", x_in.sizes());
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.is_contiguous(),
+              "qmm: expected contiguous uint8 codes [blocks, groups, 2, bytes]");
+  TORCH_CHECK(meta.scalar_type() == at::kHalf && meta.dim() == 5 && meta.is_contiguous(),
+              "qmm: expected contiguous fp16 meta [blocks, groups, 2, 2, 16]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), blocks = codes.size(0), groups = codes.size(1);
+  TORCH_CHECK(K == groups * group, "qmm: expected x with ", groups * group, " inputs, received ", K);
+  TORCH_CHECK(codes.size(2) == 2 && codes.size(3) == group_bytes(bits, group), "qmm: expected ",
+              group_bytes(bits, group), " bytes of codes per tile and group");
+  TORCH_CHECK(meta.size(0) == blocks && meta.size(1) == groups, "qmm: meta and codes disagree");
+  TORCH_CHECK(blocks * BLOCK >= n && (blocks - 1) * BLOCK < n, "qmm: ", blocks, " blocks cannot hold ", n, " rows");
+  const auto out_dtype = x_in.scalar_type();
+  const Isa isa = isa_for(out_dtype, reference);
+  at::Tensor x = isa == Isa::kAvx512Bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  at::Tensor xsum = x.to(at::kFloat).view({M, groups, group}).sum(-1).contiguous();  // [M, groups]
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.data_ptr<at::Half>());
+  const float* sp = xsum.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t gbytes = group_bytes(bits, group);
+  const int64_t block_bytes = groups * 2 * gbytes, block_meta = groups * 64;
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n_valid = std::min<int64_t>(BLOCK, n - b * BLOCK);
+      const uint8_t* cb = cp + b * block_bytes;
+      const uint16_t* mb = mp + b * block_meta;
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t rows = std::min<int64_t>(MT, M - m0);
+        float* yb = yp + m0 * n + b * BLOCK;
+        const float* sb = sp + m0 * groups;
+        if (isa == Isa::kAvx512Bf16) {
+#ifdef QMM_AVX512BF16
+          const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m0 * K;
+          dispatch_format(bits, group, [&](auto B, auto G) {
+            dispatch_rows(rows, [&](auto R) {
+              block_bf16<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xb, K, cb, mb, yb, n, n_valid, sb);
+            });
+          });
+#endif
+          continue;
+        }
+        for (int t = 0; t < 2 && t * TILE < n_valid; ++t) {
+          const int64_t valid = std::min<int64_t>(TILE, n_valid - t * TILE);
+          const uint8_t* ct = cb + t * gbytes;
+          const uint16_t* mt = mb + t * 32;
+          const float* xt = x.data_ptr<float>() + m0 * K;
+          if (isa == Isa::kScalar) {
+            tile_scalar(xt, rows, K, ct, mt, bits, group, yb + t * TILE, n, valid);
+            continue;
+          }
+#ifdef QMM_AVX2
+          dispatch_format(bits, group, [&](auto B, auto G) {
+            dispatch_rows(rows, [&](auto R) {
+              block_avx2<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xt, K, ct, mt, yb + t * TILE, n,
+                                                                                     valid, sb);
+            });
+          });
+#endif
+        }
+      }
+    }
+  };
+  if (reference) work(0, blocks);
+  else at::parallel_for(0, blocks, 2, work);  // each thread streams its own contiguous share of the weights
+  return out_dtype == at::kFloat ? y : y.to(out_dtype);
+}
+
+at::Tensor qmm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta, int64_t n, int64_t bits,
+               int64_t group) {
+  return run(x, codes, meta, n, bits, group, false);
+}
+
+// The scalar reference over the same packed weights (tests compare the vector kernels with it).
+at::Tensor qmm_reference(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta, int64_t n,
+                         int64_t bits, int64_t group) {
+  return run(x, codes, meta, n, bits, group, true);
+}
+
+std::string qmm_isa(const at::Tensor& x) {
+  switch (isa_for(x.scalar_type(), false)) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(via_sd, m) {
+  m.def("qmm(Tensor x, Tensor codes, Tensor meta, int n, int bits, int group) -> Tensor");
+  m.def("qmm_reference(Tensor x, Tensor codes, Tensor meta, int n, int bits, int group) -> Tensor");
+  m.def("qmm_isa(Tensor x) -> str");
+}
+
+TORCH_LIBRARY_IMPL(via_sd, CPU, m) {
+  m.impl("qmm", &qmm);
+  m.impl("qmm_reference", &qmm_reference);
+  m.impl("qmm_isa", &qmm_isa);
+}

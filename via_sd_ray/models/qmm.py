@@ -1,0 +1,125 @@
+"""Grouped low-bit weight matmul on CPUs (``csrc/qmm.cpp``), built for this CPU on first use.
+
+A weight [N, K] is held as codes with a scale and a low per group of G inputs and output row,
+``w = scale * code + low``: 4-bit codes (GGUF Q4_K / Q4_0 / Q4_1 blocks, or int4 quantized from float
+weights) in groups of 32, or 6-bit codes (GGUF Q6_K) as bytes in groups of 16. ``matmul`` reads every
+weight once for all M rows of its input (a verify block, a batch of decode rows), so a multi-token pass
+costs little more than a one-token one; torch's own CPU int4 kernel is a matrix-vector kernel whose cost
+grows with M, and no torchao layout runs int4 weight-only on x86 CPUs (README, precision). Activations
+stay in the model's dtype: bf16 products accumulate in float32 (``vdpbf16ps``, AVX512-BF16), float32
+activations in float32 (AVX2 FMA); nothing is rounded to int8.
+
+The kernel is compiled with ``-march=native`` by ``torch.utils.cpp_extension`` (about 15 s, once per
+machine: cached under ``TORCH_EXTENSIONS_DIR``, named by the CPU's features so a cache shared between
+machines never serves one CPU another's code). It needs a C++ compiler and ninja; where it cannot be
+built, ``available()`` says why, ``precision: auto`` falls back to bf16 and an explicit int4 / gguf is a
+config error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "qmm.cpp"
+TILE, BLOCK = 16, 32  # output rows per vector tile, per packed block (two tiles)
+FORMATS = ((4, 32), (4, 16), (8, 32), (8, 16))  # (bits per code, inputs per group) the kernel takes
+
+_lock = threading.Lock()
+_state: dict[str, str | None] = {}
+
+
+def _isa_tag() -> str:
+    """A short digest of this CPU's vector features (the build is -march=native)."""
+    from via_sd_ray.models.loading import cpu_flags
+
+    vector = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse", "bmi")))
+    return hashlib.sha1(" ".join(vector).encode()).hexdigest()[:10]
+
+
+def available() -> str | None:
+    """None when the kernel is loaded (built now if needed), else why it cannot be."""
+    with _lock:
+        if "error" not in _state:
+            _state["error"] = _build()
+        return _state["error"]
+
+
+def require() -> None:
+    """Load the kernel, or raise a ValueError saying why it cannot be built."""
+    reason = available()
+    if reason is not None:
+        raise ValueError(f"the via_sd qmm kernel (int4 / gguf precision on CPUs) could not be built here: {reason}; "
+                         "install a C++ compiler and ninja, or use precision bf16 or int8")
+
+
+def _build() -> str | None:
+    if not hasattr(torch.ops, "via_sd") or not hasattr(torch.ops.via_sd, "qmm"):
+        try:
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(name=f"via_sd_qmm_{_isa_tag()}", sources=[str(SOURCE)],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
+        except Exception as exc:  # no compiler, no ninja, a failed build: the reason goes to the user
+            log.warning("via_sd qmm kernel unavailable: %s", exc)
+            return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    torch.library.register_fake("via_sd::qmm")(_fake)  # shapes for torch.compile
+    log.info("via_sd qmm kernel loaded (%s for bf16, %s for float32)", isa(torch.bfloat16), isa(torch.float32))
+    return None
+
+
+def _fake(x, codes, meta, n, bits, group):
+    return x.new_empty((x.shape[0], n))
+
+
+def isa(dtype: torch.dtype) -> str:
+    """Which inner kernel serves activations of ``dtype`` here: avx512bf16, avx2 or scalar."""
+    return torch.ops.via_sd.qmm_isa(torch.empty(0, dtype=dtype))
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
+         group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` [N, K] (integers < 2**bits, and < 128), ``scale`` and ``low`` [N, K / group] -> the kernel's
+    layout: codes uint8 [blocks, groups, 2, 16 * group * bits / 8] and meta fp16 [blocks, groups, 2, 2, 16]
+    (rows padded to a multiple of 32 with zero weights). See csrc/qmm.cpp for the byte order."""
+    require()
+    if (bits, group) not in FORMATS:
+        raise ValueError(f"qmm: expected (bits, group) in {FORMATS}, received {(bits, group)}")
+    rows, inputs = codes.shape
+    if inputs % group or scale.shape != (rows, inputs // group) or low.shape != scale.shape:
+        raise ValueError(f"qmm: expected codes [N, K] with K a multiple of {group} and scale, low [N, K / {group}], "
+                         f"received {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(low.shape)}")
+    if int(codes.max()) >= min(2**bits, 128) or int(codes.min()) < 0:
+        raise ValueError(f"qmm: expected {bits}-bit codes below {min(2**bits, 128)}, received "
+                         f"{int(codes.min())}..{int(codes.max())}")
+    meta = torch.stack([scale, low], dim=-1).to(torch.float16)  # [N, groups, 2]
+    if not torch.isfinite(meta).all():
+        raise ValueError("qmm: a group's scale or low does not fit in fp16")
+    blocks, groups = -(-rows // BLOCK), inputs // group
+    pad = blocks * BLOCK - rows
+    codes = torch.cat([codes.to(torch.uint8), codes.new_zeros((pad, inputs), dtype=torch.uint8)])
+    meta = torch.cat([meta, meta.new_zeros((pad, groups, 2))])
+    tiles = blocks * 2
+    c = codes.view(tiles, TILE, groups, group)
+    if bits == 8:  # per pair of inputs 32 bytes: byte j = row j // 2, input 2p + j % 2
+        c = c.view(tiles, TILE, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
+    else:  # per unit of 32 bytes: the pair u in the low nibbles, the pair u + group / 4 in the high ones
+        units = group // 4
+        c = c.view(tiles, TILE, groups, 2, units, 2).permute(0, 2, 4, 1, 5, 3)  # [t, g, unit, row, half, high]
+        c = c[..., 0] | (c[..., 1] << 4)
+    c = c.reshape(blocks, 2, groups, -1).transpose(1, 2).contiguous()
+    m = meta.view(tiles, TILE, groups, 2).permute(0, 2, 3, 1).reshape(blocks, 2, groups, 2, TILE)
+    return c, m.transpose(1, 2).contiguous()
+
+
+def matmul(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, n: int, bits: int, group: int) -> torch.Tensor:
+    """``x`` [..., K] times the packed weight [n, K] transposed: [..., n], in ``x``'s dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.ops.via_sd.qmm(flat, codes, meta, n, bits, group).view(*x.shape[:-1], n)
