@@ -60,8 +60,8 @@ def test_the_packed_layer_computes_with_the_files_weights(kind, dtype, tolerance
     out = layer(x.to(dtype))
     assert out.dtype == dtype and out.shape == (3, 5, rows)
     assert float((out.double() - reference).abs().max()) <= tolerance * float(reference.abs().max())
-    exact = layer.weight.double()  # the weights the kernel holds: the file's, to fp16 group scales
-    assert float((exact - weights.dequantize().double()).abs().max()) <= 2**-10 * float(weights.dequantize().abs().max())
+    held, file = layer.weight.double(), weights.dequantize().double()  # the kernel's: the file's, to fp16 scales
+    assert float((held - file).abs().max()) <= 2**-10 * float(file.abs().max())
 
 
 def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -70,7 +70,8 @@ def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model, path, kind: GGMLQuantizationType, head: GGMLQuantizationType | None = None) -> dict[str, torch.Tensor]:
+def write_gguf(model, path, kind: GGMLQuantizationType,
+               head: GGMLQuantizationType | None = None) -> dict[str, torch.Tensor]:
     """The model's decoder-layer linears quantized to ``kind`` in a GGUF file at ``path`` (as llama.cpp lays
     them out); returns their de-quantized weights by module name."""
     config = model.config

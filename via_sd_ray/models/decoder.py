@@ -7,9 +7,13 @@ instead of calling the model's ``forward``, lets each stack write into its own
 ``KVCache``, skip layers, and compute the LM head only on the positions it needs: the
 catch-up tokens of a verifier pass need KV entries but no logits.
 
-A pass over several generations packs their rows into one sequence [1, sum(T_i)] (no row pads
-another); the model's attention is ``packed_attention``, which writes each row's new keys and
-values into its own cache (a KV pool slot) and attends row by row over views of it.
+A pass over several generations packs their rows into one sequence [N = sum(T_i), H] (no row pads
+another). Each layer runs as a short function of its modules' weights (``_layer``: the
+projections, MLP and norms as the model's own modules, rotary embedding and residuals as tensor
+ops), not through transformers' layer ``forward``: that costs ~3x the arithmetic of a small model's
+pass in Python (a 2-layer test model: 1.05 ms against 0.35 ms), which is what a GPU at batch 1 pays
+in launches. Attention writes each row's new keys and values into its own cache (a KV pool slot)
+and attends row by row over views of it (``PackedRows``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models.kv_cache import KVCache, KVPool
@@ -55,7 +56,6 @@ class DecoderStack(nn.Module):
         self.num_kv_heads = num_kv_heads or config.num_key_value_heads
         self.max_context = config.max_position_embeddings
         self.compiled: CompiledStep | None = None  # the compiled pass over a pool (``compile``), else eager
-        _use_packed_attention(lm)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,24 +112,62 @@ class DecoderStack(nn.Module):
             logits = self.compiled.run(token_lists, caches, starts, lengths)  # [B, T, V]
             _finish(caches, token_lists)
             return [logits[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits))]
-        ids = torch.cat([t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.long, device=device)
-                         for t in token_lists])[None]  # [1, N]: the rows packed
-        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])[None]
-        hidden = self.embed_tokens(ids)  # [1, N, H]
-        rotary = self.rotary_emb(hidden, position_ids=positions)
+        if len(token_lists) == 1:
+            row = token_lists[0]
+            ids = row if isinstance(row, torch.Tensor) else torch.tensor(row, dtype=torch.long, device=device)
+            positions = torch.arange(starts[0], starts[0] + lengths[0], device=device)
+        else:
+            ids = torch.cat([t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.long, device=device)
+                             for t in token_lists])  # [N]: the rows packed
+            positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])
+        hidden = self.embed_tokens(ids)  # [N, H]
+        cos, sin = self.rotary_emb(hidden[None], position_ids=positions[None])  # [1, N, D] each
+        cos, sin = cos[0], sin[0]
         packed = PackedRows(caches, starts, lengths, device)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, cache=packed, use_cache=True,
-                           position_embeddings=rotary, packed=packed)
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
+            hidden = _layer(layer, hidden, cos, sin, packed, self.head_dim)
         _finish(caches, token_lists)
         wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
         if not wanted:
             return [hidden.new_empty((0, self.vocab_size), dtype=torch.float32) for _ in lengths]
-        rows = hidden[:, torch.tensor(wanted, device=device)]  # [1, sum(num_logits), H]
-        logits = self.lm_head(self.norm(rows))[0].float()  # [sum(num_logits), V]
-        return list(torch.split(logits, num_logits))
+        rows = hidden[-1:] if wanted == [len(hidden) - 1] else hidden[torch.tensor(wanted, device=device)]
+        logits = self.lm_head(_norm(self.norm, rows)).float()  # [sum(num_logits), V]
+        return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module applied to ``x`` as one ``torch.rms_norm`` (the module's own forward is 7 ops): bit
+    for bit the module's result in float32, within a rounding of it in bf16 (where the module rounds once
+    more, before its weight); float64 (tests) through the module, which computes in float32 there."""
+    if x.dtype == torch.float64:
+        return norm(x)
+    return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [H, N, D] (the half-split convention of these architectures)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _layer(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: PackedRows,
+           head_dim: int) -> torch.Tensor:
+    """One decoder layer over the packed rows ``hidden`` [N, H]; its projections, MLP and norms are the
+    model's own modules (quantized, or tensor-parallel ones whose output projections all-reduce)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    n = hidden.shape[0]
+    x = _norm(layer.input_layernorm, hidden)
+    q = attn.q_proj(x).view(n, -1, head_dim)  # [N, Hq, D]
+    k = attn.k_proj(x).view(n, -1, head_dim)  # [N, Hkv, D]
+    v = attn.v_proj(x).view(n, -1, head_dim).transpose(0, 1)  # [Hkv, N, D]
+    if getattr(attn, "q_norm", None) is not None:  # qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin)
+    packed.update(k[None], v[None], attn.layer_idx)
+    out = packed.attend(attn.layer_idx, q[None], attn.scaling)  # [1, N, Hq, D]
+    hidden = hidden + attn.o_proj(out.reshape(n, -1))
+    x = _norm(layer.post_attention_layernorm, hidden)
+    return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
 def _finish(caches: list[KVCache], token_lists: list) -> None:
@@ -138,8 +176,11 @@ def _finish(caches: list[KVCache], token_lists: list) -> None:
         cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
 
 
+SHORT_ROW = 16  # rows of at most this many tokens (decode steps, verify blocks) attend by grouped matmuls
+
+
 class PackedRows:
-    """The caches of a packed pass, as transformers' attention modules see them.
+    """The caches of a packed pass.
 
     ``update`` writes each row's new keys and values into its own cache (the only copy a pass
     makes); ``attend`` then runs attention row by row over views of each row's cache, with a mask
@@ -148,7 +189,7 @@ class PackedRows:
     def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int], device):
         self.caches, self.starts, self.lengths = caches, starts, lengths
         self.offsets = [sum(lengths[:i]) for i in range(len(lengths))]
-        self.masks = [None if n == 1 or s == 0 else
+        self.masks = [None if n == 1 else
                       torch.ones((n, s + n), dtype=torch.bool, device=device).tril(diagonal=s)  # [T, S]
                       for s, n in zip(starts, lengths)]
 
@@ -160,45 +201,36 @@ class PackedRows:
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Attention of the packed ``query`` [1, Hq, N, D] over each row's cache; returns [1, N, Hq, D]."""
+        if len(self.caches) == 1 and self.lengths[0] <= SHORT_ROW:
+            keys, values = self.caches[0].layer(layer_idx, self.starts[0] + self.lengths[0])
+            return _short_attention(query, keys, values, self.masks[0], scaling)
         out = torch.empty_like(query)
         for cache, start, n, off, mask in zip(self.caches, self.starts, self.lengths, self.offsets, self.masks):
             keys, values = cache.layer(layer_idx, start + n)  # [1, H, S, D] views of the row's cache
-            out[:, :, off : off + n] = F.scaled_dot_product_attention(
-                query[:, :, off : off + n], keys, values, attn_mask=mask, is_causal=n > 1 and start == 0,
-                scale=scaling, enable_gqa=keys.shape[1] != query.shape[1])
+            rows = query[:, :, off : off + n]
+            if n <= SHORT_ROW:
+                out[:, :, off : off + n] = _short_attention(rows, keys, values, mask, scaling).transpose(1, 2)
+            else:
+                out[:, :, off : off + n] = F.scaled_dot_product_attention(
+                    rows, keys, values, attn_mask=mask, scale=scaling, enable_gqa=keys.shape[1] != query.shape[1])
         return out.transpose(1, 2)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return min(self.starts)
 
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-
-PACKED_ATTENTION = "via_packed"
-
-
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     packed: PackedRows | None = None, **kwargs):
-    """The attention function of a model a ``DecoderStack`` drives: packed rows when the stack runs it,
-    the model's own implementation otherwise (transformers' ``generate`` on the same model)."""
-    if packed is None:
-        fallback = ALL_ATTENTION_FUNCTIONS.get_interface(module.via_fallback_attention, eager_attention_forward)
-        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return packed.attend(module.layer_idx, query, scaling), None
-
-
-AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-
-
-def _use_packed_attention(lm: nn.Module) -> None:
-    current = lm.config._attn_implementation
-    if current == PACKED_ATTENTION:
-        return
-    for layer in lm.model.layers:
-        layer.self_attn.via_fallback_attention = current
-    lm.config._attn_implementation = PACKED_ATTENTION
+def _short_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None) -> torch.Tensor:
+    """Attention of a few queries [1, Hq, T, D] over one cache's keys and values [1, Hkv, S, D] as two
+    batched matmuls per KV head (each KV head's query heads stacked: no copy of the cache for GQA), the
+    softmax in float32 (or float64); returns [1, T, Hq, D]. On CPUs torch's fused kernel spends ~0.6 ms on one query over
+    300 keys (it parallelises over queries), these matmuls ~0.1 ms: the attention of a decode step."""
+    _, heads, t, d = query.shape
+    kv_heads, s = keys.shape[1], keys.shape[2]
+    grouped = query[0].reshape(kv_heads, heads // kv_heads * t, d)  # [Hkv, g * T, D]
+    scores = torch.bmm(grouped, keys[0].transpose(1, 2))  # [Hkv, g * T, S]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (scaling or d**-0.5)
+    if mask is not None:
+        scores = scores.view(kv_heads, -1, t, s).masked_fill(~mask, float("-inf")).view(kv_heads, -1, s)
+    out = torch.bmm(scores.softmax(-1).to(values.dtype), values[0])  # [Hkv, g * T, D]
+    return out.view(heads, t, d).transpose(0, 1)[None]
 
 
 def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:

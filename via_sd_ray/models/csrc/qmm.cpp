@@ -148,7 +148,7 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, const uint16_t*
 // e.g. AMD Zen 4: one per vdpbf16ps halves its throughput). vdpbf16ps has a latency of ~6 cycles at one
 // a cycle: R rows x 2 tiles x S accumulators keep >= 8 chains in flight.
 template <int BITS, int G, int R>
-void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, int64_t ldy,
+void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* meta, uint16_t* y, int64_t ldy,
                 int64_t n_valid, const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;  // one tile's codes of a group
   constexpr int S = R >= 3 ? 1 : 2;
@@ -221,7 +221,8 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(TILE, n_valid - t * TILE));
     const __mmask16 keep = valid == TILE ? 0xFFFF : (__mmask16)((1u << valid) - 1);
 #pragma GCC unroll 4
-    for (int m = 0; m < R; ++m) _mm512_mask_storeu_ps(y + m * ldy + t * TILE, keep, yacc[m][t]);
+    for (int m = 0; m < R; ++m)
+      _mm256_mask_storeu_epi16(y + m * ldy + t * TILE, keep, (__m256i)_mm512_cvtneps_pbh(yacc[m][t]));
   }
 }
 #endif
@@ -276,13 +277,26 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   TORCH_CHECK(blocks * BLOCK >= n && (blocks - 1) * BLOCK < n, "qmm: ", blocks, " blocks cannot hold ", n, " rows");
   const auto out_dtype = x_in.scalar_type();
   const Isa isa = isa_for(out_dtype, reference);
-  at::Tensor x = isa == Isa::kAvx512Bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  at::Tensor xsum = x.to(at::kFloat).view({M, groups, group}).sum(-1).contiguous();  // [M, groups]
-  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  const bool bf16 = isa == Isa::kAvx512Bf16;
+  at::Tensor x = bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  // each row's sum over each group of inputs [M, groups], in float32
+  std::vector<float> xsum(M * groups);
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float total = 0.f;
+    if (bf16) {
+      const at::BFloat16* xb = x.data_ptr<at::BFloat16>() + i * group;
+      for (int64_t k = 0; k < group; ++k) total += static_cast<float>(xb[k]);
+    } else {
+      const float* xf = x.data_ptr<float>() + i * group;
+      for (int64_t k = 0; k < group; ++k) total += xf[k];
+    }
+    xsum[i] = total;
+  }
+  // bf16 activations: the kernel writes bf16; the others write float32
+  at::Tensor y = at::empty({M, n}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.data_ptr<at::Half>());
-  const float* sp = xsum.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const float* sp = xsum.data();
   const int64_t gbytes = group_bytes(bits, group);
   const int64_t block_bytes = groups * 2 * gbytes, block_meta = groups * 64;
   auto work = [&](int64_t begin, int64_t end) {
@@ -292,11 +306,11 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
       const uint16_t* mb = mp + b * block_meta;
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t rows = std::min<int64_t>(MT, M - m0);
-        float* yb = yp + m0 * n + b * BLOCK;
         const float* sb = sp + m0 * groups;
-        if (isa == Isa::kAvx512Bf16) {
+        if (bf16) {
 #ifdef QMM_AVX512BF16
           const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m0 * K;
+          uint16_t* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m0 * n + b * BLOCK;
           dispatch_format(bits, group, [&](auto B, auto G) {
             dispatch_rows(rows, [&](auto R) {
               block_bf16<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xb, K, cb, mb, yb, n, n_valid, sb);
@@ -305,6 +319,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
 #endif
           continue;
         }
+        float* yb = y.data_ptr<float>() + m0 * n + b * BLOCK;
         for (int t = 0; t < 2 && t * TILE < n_valid; ++t) {
           const int64_t valid = std::min<int64_t>(TILE, n_valid - t * TILE);
           const uint8_t* ct = cb + t * gbytes;
@@ -328,7 +343,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   };
   if (reference) work(0, blocks);
   else at::parallel_for(0, blocks, 2, work);  // each thread streams its own contiguous share of the weights
-  return out_dtype == at::kFloat ? y : y.to(out_dtype);
+  return y.scalar_type() == out_dtype ? y : y.to(out_dtype);
 }
 
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta, int64_t n, int64_t bits,
