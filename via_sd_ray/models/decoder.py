@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from via_sd_ray.errors import ConfigError
+from via_sd_ray.models import qmm
 from via_sd_ray.models.kv_cache import KVCache, KVPool
 from via_sd_ray.models.step import CompiledStep
 
@@ -56,6 +57,8 @@ class DecoderStack(nn.Module):
         self.num_kv_heads = num_kv_heads or config.num_key_value_heads
         self.max_context = config.max_position_embeddings
         self.compiled: CompiledStep | None = None  # the compiled pass over a pool (``compile``), else eager
+        # rotary embedding and cache writes of short rows as one C++ op (models/qmm.py), where it runs
+        self.fused_cpu_ops = self.device.type == "cpu" and qmm.available() is None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,24 +126,35 @@ class DecoderStack(nn.Module):
         hidden = self.embed_tokens(ids)  # [N, H]
         cos, sin = self.rotary_emb(hidden[None], position_ids=positions[None])  # [1, N, D] each
         cos, sin = cos[0], sin[0]
-        packed = PackedRows(caches, starts, lengths, device)
+        packed = PackedRows(caches, starts, lengths, device, self.fused_cpu_ops)
+        residual = None  # each layer's last output, added into the residual stream by the next norm
         for layer in self.layers:
-            hidden = _layer(layer, hidden, cos, sin, packed, self.head_dim)
+            hidden, residual = _layer(layer, hidden, residual, cos, sin, packed, self.head_dim)
         _finish(caches, token_lists)
         wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
         if not wanted:
             return [hidden.new_empty((0, self.vocab_size), dtype=torch.float32) for _ in lengths]
-        rows = hidden[-1:] if wanted == [len(hidden) - 1] else hidden[torch.tensor(wanted, device=device)]
-        logits = self.lm_head(_norm(self.norm, rows)).float()  # [sum(num_logits), V]
+        if wanted == list(range(len(hidden) - len(wanted), len(hidden))):
+            at = slice(len(hidden) - len(wanted), None)
+        else:
+            at = torch.tensor(wanted, device=device)
+        rows = hidden[at] if residual is None else hidden[at] + residual[at]
+        logits = self.lm_head(_norm(self.norm, rows, self.fused_cpu_ops)).float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
 
 
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An RMSNorm module applied to ``x`` as one ``torch.rms_norm`` (the module's own forward is 7 ops): bit
-    for bit the module's result in float32, within a rounding of it in bf16 (where the module rounds once
-    more, before its weight); float64 (tests) through the module, which computes in float32 there."""
+def _norm(norm: nn.Module, x: torch.Tensor, fused: bool = False, residual: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """An RMSNorm module applied to ``x`` [N, H], after ``x += residual`` (in place: ``x`` is the residual stream)
+    when one is given. ``fused`` (CPU): both in one C++ op (``qmm.rms_norm``, what the module computes); else
+    ``torch.rms_norm`` (bit for bit the module in float32; on a CPU in bf16 ~60 us a row, a composite of
+    converting ops). float64 models (tests) go through the module, which computes in float32 there."""
     if x.dtype == torch.float64:
-        return norm(x)
+        return norm(x if residual is None else x.add_(residual))
+    if fused:
+        return qmm.rms_norm(x, norm.weight, norm.variance_epsilon, residual)
+    if residual is not None:
+        x.add_(residual)
     return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
@@ -150,24 +164,31 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _layer(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: PackedRows,
-           head_dim: int) -> torch.Tensor:
-    """One decoder layer over the packed rows ``hidden`` [N, H]; its projections, MLP and norms are the
-    model's own modules (quantized, or tensor-parallel ones whose output projections all-reduce)."""
+def _layer(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+           sin: torch.Tensor, packed: PackedRows, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer over the packed rows ``hidden`` [N, H] (the residual stream, once ``residual``, the
+    previous layer's output, is added: in place, by the input norm); returns the stream and this layer's
+    output. Its projections, MLP and norms are the model's own modules (quantized, or tensor-parallel ones
+    whose output projections all-reduce), or the fused calls ``quant.fuse_projections`` gave a packed model
+    (q / k / v in one, gate / up with SiLU in one)."""
     attn, mlp = layer.self_attn, layer.mlp
-    n = hidden.shape[0]
-    x = _norm(layer.input_layernorm, hidden)
-    q = attn.q_proj(x).view(n, -1, head_dim)  # [N, Hq, D]
-    k = attn.k_proj(x).view(n, -1, head_dim)  # [N, Hkv, D]
-    v = attn.v_proj(x).view(n, -1, head_dim).transpose(0, 1)  # [Hkv, N, D]
+    n, fused_ops = hidden.shape[0], packed.fused
+    x = _norm(layer.input_layernorm, hidden, fused_ops, residual)
+    fused = getattr(attn, "via_qkv", None)
+    if fused is not None:
+        parts = attn.via_qkv_parts
+        widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features][:parts]
+        q, k, *rest = fused(x).split(widths, dim=-1)
+        v = rest[0] if parts == 3 else attn.v_proj(x)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)  # [N, H, D]
     if getattr(attn, "q_norm", None) is not None:  # qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin)
-    packed.update(k[None], v[None], attn.layer_idx)
-    out = packed.attend(attn.layer_idx, q[None], attn.scaling)  # [1, N, Hq, D]
-    hidden = hidden + attn.o_proj(out.reshape(n, -1))
-    x = _norm(layer.post_attention_layernorm, hidden)
-    return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    attended = attn.o_proj(packed.attend(attn.layer_idx, q, k, v, cos, sin, attn.scaling))
+    x = _norm(layer.post_attention_layernorm, hidden, fused_ops, attended)
+    swiglu = getattr(mlp, "via_swiglu", None)
+    return hidden, mlp.down_proj(swiglu(x) if swiglu is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
 def _finish(caches: list[KVCache], token_lists: list) -> None:
@@ -182,55 +203,63 @@ SHORT_ROW = 16  # rows of at most this many tokens (decode steps, verify blocks)
 class PackedRows:
     """The caches of a packed pass.
 
-    ``update`` writes each row's new keys and values into its own cache (the only copy a pass
-    makes); ``attend`` then runs attention row by row over views of each row's cache, with a mask
-    only where a row's queries start after cached keys (at most [T_row, start + T_row])."""
+    ``attend`` rotates each row's new queries and keys, writes its keys and values into its own cache (the
+    only copy a pass makes), and runs attention row by row over views of each row's cache, with a mask
+    only where a row has several queries (at most [T_row, start + T_row]). ``fused``: short rows rotate and
+    write in one C++ op (``qmm.rope_write``)."""
 
-    def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int], device):
-        self.caches, self.starts, self.lengths = caches, starts, lengths
+    def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int], device, fused: bool = False):
+        self.caches, self.starts, self.lengths, self.fused = caches, starts, lengths, fused
         self.offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        # [T, S]: keys each query sees (long rows, for sdpa) or does not see (short rows, for masked_fill)
         self.masks = [None if n == 1 else
-                      torch.ones((n, s + n), dtype=torch.bool, device=device).tril(diagonal=s)  # [T, S]
+                      torch.ones((n, s + n), dtype=torch.bool, device=device).tril(diagonal=s) ^ (n <= SHORT_ROW)
                       for s, n in zip(starts, lengths)]
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write the rows' ``key``/``value`` [1, H, N, D] into their caches."""
-        for cache, off, n in zip(self.caches, self.offsets, self.lengths):
-            cache.write(layer_idx, key[:, :, off : off + n], value[:, :, off : off + n])
-        return key, value
-
-    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """Attention of the packed ``query`` [1, Hq, N, D] over each row's cache; returns [1, N, Hq, D]."""
-        if len(self.caches) == 1 and self.lengths[0] <= SHORT_ROW:
-            keys, values = self.caches[0].layer(layer_idx, self.starts[0] + self.lengths[0])
-            return _short_attention(query, keys, values, self.masks[0], scaling)
-        out = torch.empty_like(query)
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Attention of the packed rows' queries ``q`` [N, Hq, D] over their caches, once their keys and values
+        ``k``, ``v`` [N, Hkv, D] are written there (``cos``, ``sin`` [N, D]: the rows' rotary embedding);
+        returns [N, Hq * D]."""
+        heads, d = q.shape[1], q.shape[2]
+        scale = scaling or d**-0.5
+        outs = []
         for cache, start, n, off, mask in zip(self.caches, self.starts, self.lengths, self.offsets, self.masks):
-            keys, values = cache.layer(layer_idx, start + n)  # [1, H, S, D] views of the row's cache
-            rows = query[:, :, off : off + n]
+            rows = slice(off, off + n)
+            keys, values = cache.heads(layer_idx)  # [Hkv, C, D] each: the row's cache
+            if self.fused and n <= SHORT_ROW:
+                grouped = qmm.rope_write(q[rows], k[rows], v[rows], keys, values, start, cos[rows], sin[rows], scale)
+                outs.append(_short_attention(grouped, keys[:, : start + n], values[:, : start + n], mask, heads))
+                continue
+            query = _rotate(q[rows].transpose(0, 1), cos[rows], sin[rows])  # [Hq, T, D]
+            keys[:, start : start + n] = _rotate(k[rows].transpose(0, 1), cos[rows], sin[rows])
+            values[:, start : start + n] = v[rows].transpose(0, 1)
+            keys, values = keys[:, : start + n], values[:, : start + n]
             if n <= SHORT_ROW:
-                out[:, :, off : off + n] = _short_attention(rows, keys, values, mask, scaling).transpose(1, 2)
+                grouped = (query * scale).reshape(keys.shape[0], -1, d)
+                outs.append(_short_attention(grouped, keys, values, mask, heads))
             else:
-                out[:, :, off : off + n] = F.scaled_dot_product_attention(
-                    rows, keys, values, attn_mask=mask, scale=scaling, enable_gqa=keys.shape[1] != query.shape[1])
-        return out.transpose(1, 2)
+                out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scale,
+                                                     enable_gqa=keys.shape[0] != heads)  # [1, Hq, T, D]
+                outs.append(out[0].transpose(0, 1).reshape(n, heads * d))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _short_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float | None) -> torch.Tensor:
-    """Attention of a few queries [1, Hq, T, D] over one cache's keys and values [1, Hkv, S, D] as two
-    batched matmuls per KV head (each KV head's query heads stacked: no copy of the cache for GQA), the
-    softmax in float32 (or float64); returns [1, T, Hq, D]. On CPUs torch's fused kernel spends ~0.6 ms on one query over
-    300 keys (it parallelises over queries), these matmuls ~0.1 ms: the attention of a decode step."""
-    _, heads, t, d = query.shape
-    kv_heads, s = keys.shape[1], keys.shape[2]
-    grouped = query[0].reshape(kv_heads, heads // kv_heads * t, d)  # [Hkv, g * T, D]
-    scores = torch.bmm(grouped, keys[0].transpose(1, 2))  # [Hkv, g * T, S]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (scaling or d**-0.5)
-    if mask is not None:
-        scores = scores.view(kv_heads, -1, t, s).masked_fill(~mask, float("-inf")).view(kv_heads, -1, s)
-    out = torch.bmm(scores.softmax(-1).to(values.dtype), values[0])  # [Hkv, g * T, D]
-    return out.view(heads, t, d).transpose(0, 1)[None]
+def _short_attention(grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocked: torch.Tensor | None,
+                     heads: int) -> torch.Tensor:
+    """Attention of a few scaled, rotated queries ``grouped`` [Hkv, g * T, D] (each KV head's query heads
+    stacked) over one cache's ``keys`` and ``values`` [Hkv, S, D] as two batched matmuls per KV head (no copy
+    of the cache for GQA), the softmax in float32 (or float64); ``blocked`` [T, S]: keys a query does not see.
+    Returns [T, Hq * D]. On CPUs torch's fused kernel spends ~0.6 ms on one query over 300 keys (it
+    parallelises over queries), these matmuls ~0.1 ms: the attention of a decode step."""
+    kv_heads, rows, d = grouped.shape
+    t, s = rows * kv_heads // heads, keys.shape[1]
+    scores = torch.bmm(grouped, keys.transpose(1, 2))  # [Hkv, g * T, S]
+    if blocked is not None:
+        scores = scores.view(kv_heads, -1, t, s).masked_fill(blocked, float("-inf")).view(kv_heads, -1, s)
+    probs = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    out = torch.bmm(probs.to(values.dtype), values)  # [Hkv, g * T, D]
+    return out.view(heads, t, d).transpose(0, 1).reshape(t, heads * d)
 
 
 def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:

@@ -77,22 +77,10 @@ class KVCache:
         self._write_at = len(self.token_ids)
         return self._write_at
 
-    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write ``key``/``value`` [1, H, T, D] of the pass in progress at its positions."""
+    def heads(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's whole key and value storage, [H, capacity, D] each (views: a pass writes into them)."""
         slot = self.slots[layer_idx]
-        end = self._write_at + key.shape[2]
-        self.data[slot, 0, :, :, self._write_at : end] = key
-        self.data[slot, 1, :, :, self._write_at : end] = value
-
-    def layer(self, layer_idx: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the first ``end`` keys and values of a layer, [1, H, end, D] each (no copy)."""
-        slot = self.slots[layer_idx]
-        return self.data[slot, 0, :, :, :end], self.data[slot, 1, :, :, :end]
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """The one method transformers' attention calls on a cache: write, return all keys/values so far."""
-        self.write(layer_idx, key, value)
-        return self.layer(layer_idx, self._write_at + key.shape[2])
+        return self.data[slot, 0, 0], self.data[slot, 1, 0]
 
     def finish(self, token_ids: list[int]) -> None:
         """Record the tokens of the pass that just ran."""
@@ -110,14 +98,6 @@ class KVCache:
         assert len(self) == 0 and length <= len(source) and length <= self.capacity
         self.data[:, :, :, :, :length] = source.data[:, :, :, :, :length]
         self.token_ids = list(source.token_ids[:length])
-
-    # transformers asks a cache for these in a few code paths; answer consistently.
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._write_at
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
 
 
 class KVPool:

@@ -18,7 +18,7 @@ from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import kernels, qmm, registry, tiny
 from via_sd_ray.models.decoder import check_layers, keep_layers
 from via_sd_ray.models.gguf_blocks import FOUR_BIT, apply_gguf_blocks
-from via_sd_ray.models.quant import quantize
+from via_sd_ray.models.quant import fuse_projections, quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # CPU feature flags (/proc/cpuinfo) of instructions that compute in bf16 natively: x86 AVX512-BF16 and
@@ -183,7 +183,9 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                                  "GGUF checkpoint's own blocks are served on CPUs only)")
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
-        return kernels.apply(quantize(model, scheme), linear_kernel)
+        model = kernels.apply(quantize(model, scheme), linear_kernel)
+        fuse_projections(model)  # packed q / k / v and gate / up layers: one kernel call each
+        return model
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -71,12 +71,18 @@ def _build() -> str | None:
             log.warning("via_sd qmm kernel unavailable: %s", exc)
             return f"{type(exc).__name__}: {exc}".splitlines()[0]
     torch.library.register_fake("via_sd::qmm")(_fake)  # shapes for torch.compile
+    torch.library.register_fake("via_sd::rope_write")(_fake_rope)
+    torch.library.register_fake("via_sd::rms_norm")(lambda x, weight, eps, residual=None: torch.empty_like(x))
     log.info("via_sd qmm kernel loaded (%s for bf16, %s for float32)", isa(torch.bfloat16), isa(torch.float32))
     return None
 
 
-def _fake(x, codes, meta, n, bits, group):
-    return x.new_empty((x.shape[0], n))
+def _fake(x, codes, meta, n, bits, group, bias=None, swiglu=False):
+    return x.new_empty((x.shape[0], n // 2 if swiglu else n))
+
+
+def _fake_rope(q, k, v, cache_k, cache_v, start, cos, sin, scale):
+    return q.new_empty((k.shape[1], q.shape[1] // k.shape[1] * q.shape[0], q.shape[2]))
 
 
 def isa(dtype: torch.dtype) -> str:
@@ -119,7 +125,41 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
     return c, m.transpose(1, 2).contiguous()
 
 
-def matmul(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, n: int, bits: int, group: int) -> torch.Tensor:
-    """``x`` [..., K] times the packed weight [n, K] transposed: [..., n], in ``x``'s dtype."""
+def matmul(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, n: int, bits: int, group: int,
+           bias: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """``x`` [..., K] times the packed weight [n, K] transposed, plus ``bias`` [n]: [..., n], in ``x``'s dtype.
+    ``swiglu``: the weight's blocks hold 16 gate rows, then the 16 matching up rows (``swiglu_layout``); the
+    result is silu(gate) * up, [..., n / 2]."""
     flat = x.reshape(-1, x.shape[-1])
-    return torch.ops.via_sd.qmm(flat, codes, meta, n, bits, group).view(*x.shape[:-1], n)
+    out = torch.ops.via_sd.qmm(flat, codes, meta, n, bits, group, bias, swiglu)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+               start: int, cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rotary embedding of one sequence's new ``q`` [T, Hq, D] and ``k`` [T, Hkv, D], ``k`` and ``v`` written
+    into ``cache_k`` / ``cache_v`` [Hkv, C, D] at ``start``..; returns q rotated times ``scale`` as
+    [Hkv, Hq / Hkv * T, D] (see csrc/qmm.cpp)."""
+    return torch.ops.via_sd.rope_write(q, k, v, cache_k, cache_v, start, cos, sin, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' RMSNorm of ``x`` [N, H] in one op; with ``residual``, of ``x += residual`` (in place)."""
+    return torch.ops.via_sd.rms_norm(x, weight, eps, residual)
+
+
+def tiles(codes: torch.Tensor, meta: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed weight's first ``rows`` / 16 tiles: codes [tiles, groups, bytes], meta [tiles, groups, 2, 16]."""
+    count = rows // TILE
+    codes = codes.transpose(1, 2).reshape(-1, codes.shape[1], codes.shape[3])[:count]
+    meta = meta.transpose(1, 2).reshape(-1, meta.shape[1], 2, TILE)[:count]
+    return codes, meta
+
+
+def swiglu_layout(gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+                  rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed weight of two (``rows`` each, a multiple of 16) whose block j holds tile j of ``gate`` then tile
+    j of ``up``: what ``matmul(..., swiglu=True)`` takes."""
+    (gate_codes, gate_meta), (up_codes, up_meta) = tiles(*gate, rows), tiles(*up, rows)
+    return (torch.stack([gate_codes, up_codes], dim=2).contiguous(),
+            torch.stack([gate_meta, up_meta], dim=2).contiguous())

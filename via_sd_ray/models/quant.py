@@ -73,7 +73,7 @@ class PackedLinear(nn.Module):
         packed, meta = qmm.pack(codes, scale, low, bits, group)
         self.register_buffer("codes", packed)
         self.register_buffer("meta", meta)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())  # added by the kernel
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
@@ -100,11 +100,101 @@ class PackedLinear(nn.Module):
         return qmm.matmul(eye, self.codes, self.meta, self.out_features, self.bits, self.group).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = qmm.matmul(x, self.codes, self.meta, self.out_features, self.bits, self.group)
-        return out if self.bias is None else out + self.bias
+        return qmm.matmul(x, self.codes, self.meta, self.out_features, self.bits, self.group, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
+
+    def same_format(self, other: nn.Module) -> bool:
+        return (isinstance(other, PackedLinear) and (other.bits, other.group, other.in_features)
+                == (self.bits, self.group, self.in_features))
+
+    @classmethod
+    def concat(cls, parts: list[PackedLinear]) -> PackedLinear:
+        """One layer computing ``parts`` (same format; all but the last a multiple of 32 rows) in one call: their
+        outputs side by side. The parts then hold views of its weights: nothing is stored twice."""
+        assert all(parts[0].same_format(p) for p in parts) and all(p.out_features % qmm.BLOCK == 0 for p in parts[:-1])
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.bits, fused.group, fused.in_features = parts[0].bits, parts[0].group, parts[0].in_features
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.register_buffer("codes", torch.cat([p.codes for p in parts]))
+        fused.register_buffer("meta", torch.cat([p.meta for p in parts]))
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+        fused.register_buffer("bias", None if all(p.bias is None for p in parts) else torch.cat(biases))
+        start = 0
+        for part in parts:
+            blocks = part.codes.shape[0]
+            part.codes, part.meta = fused.codes[start : start + blocks], fused.meta[start : start + blocks]
+            if part.bias is not None:
+                at = start * qmm.BLOCK
+                part.bias = fused.bias[at : at + part.out_features]
+            start += blocks
+        return fused
+
+
+class SwiGLU(nn.Module):
+    """silu(gate(x)) * up(x) of two packed layers in one kernel call (``qmm.swiglu_layout``): their tiles
+    interleaved in one weight, the product formed as the results are written."""
+
+    def __init__(self, gate: PackedLinear, up: PackedLinear):
+        super().__init__()
+        assert gate.same_format(up) and gate.out_features == up.out_features and gate.out_features % qmm.TILE == 0
+        assert gate.bias is None and up.bias is None
+        self.bits, self.group, self.in_features = gate.bits, gate.group, gate.in_features
+        self.out_features = gate.out_features
+        codes, meta = qmm.swiglu_layout((gate.codes, gate.meta), (up.codes, up.meta), gate.out_features)
+        self.register_buffer("codes", codes)
+        self.register_buffer("meta", meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qmm.matmul(x, self.codes, self.meta, 2 * self.out_features, self.bits, self.group, swiglu=True)
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The gate (0) or up (1) projection alone: for code that calls the model's own MLP."""
+        both = qmm.matmul(x, self.codes, self.meta, 2 * self.out_features, self.bits, self.group)
+        return both.unflatten(-1, (-1, 2, qmm.TILE)).select(-2, index).flatten(-2)
+
+
+class SwiGLUPart(nn.Module):
+    """A model's gate_proj / up_proj once both live in a ``SwiGLU`` (transformers' MLP forward calls them)."""
+
+    def __init__(self, swiglu: SwiGLU, index: int):
+        super().__init__()
+        self.__dict__["swiglu"] = swiglu  # owned by the MLP, not registered twice
+        self.index, self.in_features, self.out_features = index, swiglu.in_features, swiglu.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swiglu.part(x, self.index)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """For every decoder layer of a packed model: its q / k / v projections (those of one format, from q on)
+    computed by one kernel call (``self_attn.via_qkv``, covering ``via_qkv_parts`` of them), and gate / up
+    with SiLU by one (``mlp.via_swiglu``). One read of the layer input and ~20 fewer small ops a layer. Returns
+    how many layers gained one."""
+    if getattr(model.config, "hidden_act", None) != "silu":
+        return 0
+    fused = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not isinstance(attn.q_proj, PackedLinear):
+            continue
+        parts = [attn.q_proj]
+        for nxt in (attn.k_proj, attn.v_proj):
+            if parts[0].same_format(nxt) and parts[-1].out_features % qmm.BLOCK == 0:
+                parts.append(nxt)
+            else:
+                break
+        if len(parts) > 1:
+            attn.via_qkv, attn.via_qkv_parts = PackedLinear.concat(parts), len(parts)
+        gate, up = mlp.gate_proj, mlp.up_proj
+        if (isinstance(gate, PackedLinear) and gate.same_format(up) and gate.bias is None and up.bias is None
+                and gate.out_features == up.out_features and gate.out_features % qmm.TILE == 0):
+            mlp.via_swiglu = SwiGLU(gate, up)
+            mlp.gate_proj, mlp.up_proj = SwiGLUPart(mlp.via_swiglu, 0), SwiGLUPart(mlp.via_swiglu, 1)
+        fused += hasattr(attn, "via_qkv") or hasattr(mlp, "via_swiglu")
+    return fused
 
 
 SCHEMES = ("none", "int8-weight-only", "int4-weight-only")
