@@ -1,0 +1,134 @@
+"""The grouped low-bit CPU kernel and the fused ops beside it (models/qmm.py, csrc/qmm.cpp): every ISA path
+equals the de-quantized weight's matmul and the scalar reference, at every row count and ragged output
+size; the epilogues (bias, SwiGLU) and fused layers equal their unfused forms; rope_write and rms_norm equal
+the tensor ops they replace; a fused int4 model decodes as the unfused one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from via_sd_ray.models import qmm
+from via_sd_ray.models.quant import PackedLinear, SwiGLU, fuse_projections, quantize
+from via_sd_ray.models.tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(qmm.available() is not None, reason=f"qmm kernel unavailable: {qmm.available()}")
+
+
+def random_packed(rows: int, inputs: int, bits: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    top = 16 if bits == 4 else 64
+    codes = torch.randint(0, top, (rows, inputs), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(rows, inputs // group, generator=gen) * 0.02
+    low = -torch.rand(rows, inputs // group, generator=gen) * 0.1
+    weight = (codes.view(rows, -1, group).float() * scale.half().float()[..., None]
+              + low.half().float()[..., None]).view(rows, inputs)  # what the kernel holds: fp16 scales
+    return qmm.pack(codes, scale, low, bits, group), weight
+
+
+@pytest.mark.parametrize("bits, group", qmm.FORMATS)
+@pytest.mark.parametrize("rows", [32, 40, 80])
+def test_every_path_equals_the_dequantized_matmul(bits, group, rows):
+    (codes, meta), weight = random_packed(rows, 256, bits, group)
+    for m in (1, 2, 3, 4, 5, 7, 9, 13):
+        x = torch.randn(m, 256)
+        want = x.double() @ weight.double().T
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float64, 1e-4)):
+            got = qmm.matmul(x.to(dtype), codes, meta, rows, bits, group)
+            assert got.dtype == dtype and got.shape == (m, rows)
+            assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), (dtype, m)
+        reference = torch.ops.via_sd.qmm_reference(x, codes, meta, rows, bits, group)
+        assert torch.allclose(reference.double(), want, atol=1e-4 * float(want.abs().max()))
+
+
+def test_the_kernels_isa_is_reported():
+    assert qmm.isa(torch.float32) in ("avx2", "scalar")
+    assert qmm.isa(torch.bfloat16) in ("avx512bf16", "avx2", "scalar")
+
+
+def test_bias_and_swiglu_epilogues_equal_their_unfused_forms():
+    torch.manual_seed(0)
+    gate_linear, up_linear = nn.Linear(128, 48, bias=False), nn.Linear(128, 48, bias=False)
+    gate, up = PackedLinear.from_float(gate_linear), PackedLinear.from_float(up_linear)
+    fused = SwiGLU(gate, up)
+    biased = PackedLinear.from_float(nn.Linear(128, 40))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 128, dtype=dtype)
+        want = (nn.functional.silu(gate(x).float()) * up(x).float())
+        assert torch.allclose(fused(x).float(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+        assert torch.allclose(fused.part(x, 0).float(), gate(x).float(), atol=1e-5)
+        without = qmm.matmul(x, biased.codes, biased.meta, 40, 4, 32)
+        assert torch.allclose(biased(x).float(), without.float() + biased.bias, atol=2e-2)
+
+
+def test_rope_write_equals_the_tensor_ops_it_replaces():
+    from via_sd_ray.models.decoder import _rotate
+
+    torch.manual_seed(0)
+    t, heads, kv_heads, d, start = 3, 6, 2, 16, 5
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        qkv = torch.randn(t, (heads + 2 * kv_heads) * d, dtype=dtype)
+        q, k, v = (part.view(t, -1, d) for part in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+        cos, sin = torch.randn(t, d, dtype=dtype), torch.randn(t, d, dtype=dtype)
+        cache = torch.zeros(2, kv_heads, 16, d, dtype=dtype)
+        grouped = qmm.rope_write(q, k, v, cache[0], cache[1], start, cos, sin, 0.5)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+        want_k = _rotate(k.transpose(0, 1).double(), cos.double(), sin.double())  # [Hkv, T, D]
+        assert torch.allclose(cache[0, :, start : start + t].double(), want_k, atol=tol * 10)
+        assert torch.equal(cache[1, :, start : start + t], v.transpose(0, 1))
+        assert cache[:, :, :start].abs().max() == 0 and cache[:, :, start + t :].abs().max() == 0
+        want_q = _rotate(q.transpose(0, 1).double(), cos.double(), sin.double()) * 0.5  # [Hq, T, D]
+        assert torch.allclose(grouped.double(), want_q.reshape(kv_heads, -1, d), atol=tol * 10)
+
+
+def test_rms_norm_equals_the_module_and_adds_the_residual_in_place():
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        norm = Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+        norm.weight.data.normal_()
+        x, residual = torch.randn(3, 64, dtype=dtype), torch.randn(3, 64, dtype=dtype)
+        stream = x.clone()
+        got = qmm.rms_norm(stream, norm.weight, 1e-6, residual)
+        assert torch.allclose(stream.float(), (x + residual).float(), atol=tol)
+        assert torch.allclose(got.float(), norm(x + residual).float(), atol=tol * 4)
+
+
+def test_a_fused_int4_model_decodes_as_the_unfused_one():
+    """fuse_projections changes which calls compute a layer, not what they compute: the same packed weights
+    give the same logits, the q / k / v layers keep working (their weights are views of the fused one), and
+    transformers' own forward still runs (gate / up through the fused SwiGLU)."""
+    from via_sd_ray.models.decoder import DecoderStack
+
+    plain = quantize(tiny_model("verifier"), "int4-weight-only")
+    fused = quantize(tiny_model("verifier"), "int4-weight-only")
+    assert fuse_projections(fused) == fused.config.num_hidden_layers
+    layer = fused.model.layers[0]
+    assert layer.self_attn.via_qkv_parts == 3 and layer.mlp.via_swiglu is not None
+    assert layer.self_attn.q_proj.codes.data_ptr() == layer.self_attn.via_qkv.codes.data_ptr()  # a view
+    ids = [5, 77, 120, 33, 9, 14]
+    a, b = DecoderStack(plain), DecoderStack(fused)
+    got = b(ids, b.new_cache(), len(ids))
+    want = a(ids, a.new_cache(), len(ids))
+    assert torch.allclose(got, want, atol=1e-4)
+    with torch.inference_mode():
+        assert torch.allclose(fused(torch.tensor([ids])).logits[0], plain(torch.tensor([ids])).logits[0], atol=1e-4)
+
+
+def test_the_python_fallback_of_short_rows_equals_the_fused_ops():
+    """Where the C++ ops cannot be built (or off the CPU) short rows rotate, write and attend in tensor ops."""
+    from via_sd_ray.models.decoder import DecoderStack
+
+    stack = DecoderStack(tiny_model("verifier"))
+    ids = list(range(3, 40))
+    caches = {}
+    for fused_ops in (True, False):
+        stack.fused_cpu_ops = fused_ops
+        cache = stack.new_cache()
+        out = [stack(ids[:30], cache, 1)] + [stack(ids[i : i + 1], cache, 1) for i in range(30, 33)]
+        out.append(stack(ids[33:37], cache, 4))
+        caches[fused_ops] = (torch.cat(out), cache.data.clone())
+    assert torch.allclose(caches[True][0], caches[False][0], atol=1e-4)
+    assert torch.allclose(caches[True][1][..., :37, :], caches[False][1][..., :37, :], atol=1e-4)
