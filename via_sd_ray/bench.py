@@ -332,6 +332,6 @@ def run_bench(args) -> dict:
 
 
 def cpu_name() -> str:
-    from via_sd_ray.models.loading import cpu_field
+    from via_sd_ray.models.cpuinfo import cpu_field
 
     return cpu_field(("model name",)) or platform.processor() or platform.machine()

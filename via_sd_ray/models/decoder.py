@@ -8,12 +8,11 @@ instead of calling the model's ``forward``, lets each stack write into its own
 catch-up tokens of a verifier pass need KV entries but no logits.
 
 A pass over several generations packs their rows into one sequence [N = sum(T_i), H] (no row pads
-another). Each layer runs as a short function of its modules' weights (``_layer``: the
-projections, MLP and norms as the model's own modules, rotary embedding and residuals as tensor
-ops), not through transformers' layer ``forward``: that costs ~3x the arithmetic of a small model's
-pass in Python (a 2-layer test model: 1.05 ms against 0.35 ms), which is what a GPU at batch 1 pays
-in launches. Attention writes each row's new keys and values into its own cache (a KV pool slot)
-and attends row by row over views of it (``PackedRows``).
+another). Each layer runs as a short function of its modules' weights (``layers.LayerPlan``), not
+through transformers' layer ``forward``: that costs ~3x the arithmetic of a small model's pass in
+Python (a 2-layer test model: 1.05 ms against 0.35 ms), which is what a GPU at batch 1 pays in
+launches. Attention writes each row's new keys and values into its own cache (a KV pool slot) and
+attends row by row over views of it (``PackedRows``).
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from torch import nn
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import qmm
 from via_sd_ray.models.kv_cache import KVCache, KVPool
+from via_sd_ray.models.layers import LayerPlan, Norm, RotaryTable, rotate
+from via_sd_ray.models.quant import fuse_projections
 from via_sd_ray.models.step import CompiledStep
 
 # Architectures whose decoder layers take (hidden, attention_mask, position_ids,
@@ -33,15 +34,20 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class DecoderStack(nn.Module):
-    def __init__(self, lm: nn.Module, layers: list[int] | None = None, num_kv_heads: int | None = None):
+    def __init__(self, lm: nn.Module, layers: list[int] | None = None, num_kv_heads: int | None = None,
+                 fuse: bool = True):
         """``num_kv_heads``: the KV heads this process computes, when tensor parallelism gives it a share of
-        them (None: all of the model's)."""
+        them (None: all of the model's). ``fuse``: merge each layer's q / k / v and gate / up projections into
+        one call each (``quant.fuse_projections``; in place, on the model, once: stacks sharing a model share
+        it; tensor-parallel layers are left alone)."""
         super().__init__()
         config = lm.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model: expected an architecture in {SUPPORTED_MODEL_TYPES}, received {config.model_type!r}"
             )
+        if fuse:
+            fuse_projections(lm)
         base = lm.model
         all_layers = list(base.layers)
         layers = list(range(len(all_layers))) if layers is None else check_layers(layers, len(all_layers))
@@ -57,8 +63,12 @@ class DecoderStack(nn.Module):
         self.num_kv_heads = num_kv_heads or config.num_key_value_heads
         self.max_context = config.max_position_embeddings
         self.compiled: CompiledStep | None = None  # the compiled pass over a pool (``compile``), else eager
-        # rotary embedding and cache writes of short rows as one C++ op (models/qmm.py), where it runs
+        # rotary embedding, cache writes, attention of short rows and norms as C++ ops (models/qmm.py), where
+        # they run
         self.fused_cpu_ops = self.device.type == "cpu" and qmm.available() is None
+        self.rotary = RotaryTable(self.rotary_emb)
+        self.final_norm = Norm(self.norm)
+        self.plans: list[LayerPlan] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,12 +134,13 @@ class DecoderStack(nn.Module):
                              for t in token_lists])  # [N]: the rows packed
             positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])
         hidden = self.embed_tokens(ids)  # [N, H]
-        cos, sin = self.rotary_emb(hidden[None], position_ids=positions[None])  # [1, N, D] each
-        cos, sin = cos[0], sin[0]
+        cos, sin = self.rotary.at(positions, longest, hidden)  # [N, D] each
         packed = PackedRows(caches, starts, lengths, device, self.fused_cpu_ops)
+        if self.plans is None:  # each layer's callables, looked up once (after any quantization or fusion)
+            self.plans = [LayerPlan(layer, self.head_dim) for layer in self.layers]
         residual = None  # each layer's last output, added into the residual stream by the next norm
-        for layer in self.layers:
-            hidden, residual = _layer(layer, hidden, residual, cos, sin, packed, self.head_dim)
+        for plan in self.plans:
+            hidden, residual = plan(hidden, residual, cos, sin, packed)
         _finish(caches, token_lists)
         wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
         if not wanted:
@@ -139,56 +150,8 @@ class DecoderStack(nn.Module):
         else:
             at = torch.tensor(wanted, device=device)
         rows = hidden[at] if residual is None else hidden[at] + residual[at]
-        logits = self.lm_head(_norm(self.norm, rows, self.fused_cpu_ops)).float()  # [sum(num_logits), V]
+        logits = self.lm_head(self.final_norm(rows, self.fused_cpu_ops)).float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
-
-
-def _norm(norm: nn.Module, x: torch.Tensor, fused: bool = False, residual: torch.Tensor | None = None
-          ) -> torch.Tensor:
-    """An RMSNorm module applied to ``x`` [N, H], after ``x += residual`` (in place: ``x`` is the residual stream)
-    when one is given. ``fused`` (CPU): both in one C++ op (``qmm.rms_norm``, what the module computes); else
-    ``torch.rms_norm`` (bit for bit the module in float32; on a CPU in bf16 ~60 us a row, a composite of
-    converting ops). float64 models (tests) go through the module, which computes in float32 there."""
-    if x.dtype == torch.float64:
-        return norm(x if residual is None else x.add_(residual))
-    if fused:
-        return qmm.rms_norm(x, norm.weight, norm.variance_epsilon, residual)
-    if residual is not None:
-        x.add_(residual)
-    return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` [H, N, D] (the half-split convention of these architectures)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _layer(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-           sin: torch.Tensor, packed: PackedRows, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoder layer over the packed rows ``hidden`` [N, H] (the residual stream, once ``residual``, the
-    previous layer's output, is added: in place, by the input norm); returns the stream and this layer's
-    output. Its projections, MLP and norms are the model's own modules (quantized, or tensor-parallel ones
-    whose output projections all-reduce), or the fused calls ``quant.fuse_projections`` gave a packed model
-    (q / k / v in one, gate / up with SiLU in one)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    n, fused_ops = hidden.shape[0], packed.fused
-    x = _norm(layer.input_layernorm, hidden, fused_ops, residual)
-    fused = getattr(attn, "via_qkv", None)
-    if fused is not None:
-        parts = attn.via_qkv_parts
-        widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features][:parts]
-        q, k, *rest = fused(x).split(widths, dim=-1)
-        v = rest[0] if parts == 3 else attn.v_proj(x)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)  # [N, H, D]
-    if getattr(attn, "q_norm", None) is not None:  # qwen3
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    attended = attn.o_proj(packed.attend(attn.layer_idx, q, k, v, cos, sin, attn.scaling))
-    x = _norm(layer.post_attention_layernorm, hidden, fused_ops, attended)
-    swiglu = getattr(mlp, "via_swiglu", None)
-    return hidden, mlp.down_proj(swiglu(x) if swiglu is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
 def _finish(caches: list[KVCache], token_lists: list) -> None:
@@ -231,8 +194,8 @@ class PackedRows:
                 grouped = qmm.rope_write(q[rows], k[rows], v[rows], keys, values, start, cos[rows], sin[rows], scale)
                 outs.append(qmm.attend_short(grouped, keys, values, start, n))
                 continue
-            query = _rotate(q[rows].transpose(0, 1), cos[rows], sin[rows])  # [Hq, T, D]
-            keys[:, start : start + n] = _rotate(k[rows].transpose(0, 1), cos[rows], sin[rows])
+            query = rotate(q[rows].transpose(0, 1), cos[rows], sin[rows])  # [Hq, T, D]
+            keys[:, start : start + n] = rotate(k[rows].transpose(0, 1), cos[rows], sin[rows])
             values[:, start : start + n] = v[rows].transpose(0, 1)
             keys, values = keys[:, : start + n], values[:, : start + n]
             if n <= SHORT_ROW:

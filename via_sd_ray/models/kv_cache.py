@@ -37,6 +37,7 @@ class KVCache:
         self.token_ids: list[int] = []
         self._write_at = 0  # where the forward pass in progress writes
         self.pool: KVPool | None = None  # the pool whose slot ``slot`` this cache is (None: own storage)
+        self._views = None  # (data, {layer: (keys, values)}): heads' views of the current storage
         self.slot = -1
 
     def __len__(self) -> int:
@@ -78,9 +79,12 @@ class KVCache:
         return self._write_at
 
     def heads(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's whole key and value storage, [H, capacity, D] each (views: a pass writes into them)."""
-        slot = self.slots[layer_idx]
-        return self.data[slot, 0, 0], self.data[slot, 1, 0]
+        """A layer's whole key and value storage, [H, capacity, D] each (views: a pass writes into them; made
+        once per storage)."""
+        if self._views is None or self._views[0] is not self.data:
+            self._views = (self.data, {layer: (self.data[slot, 0, 0], self.data[slot, 1, 0])
+                                       for layer, slot in self.slots.items()})
+        return self._views[1][layer_idx]
 
     def finish(self, token_ids: list[int]) -> None:
         """Record the tokens of the pass that just ran."""

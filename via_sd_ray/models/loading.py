@@ -16,9 +16,10 @@ import torch
 
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import kernels, qmm, registry, tiny
+from via_sd_ray.models.cpuinfo import cpu_field, cpu_flags  # noqa: F401 (cpu_field: the bench record's)
 from via_sd_ray.models.decoder import check_layers, keep_layers
 from via_sd_ray.models.gguf_blocks import FOUR_BIT, apply_gguf_blocks
-from via_sd_ray.models.quant import fuse_projections, quantize
+from via_sd_ray.models.quant import quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # CPU feature flags (/proc/cpuinfo) of instructions that compute in bf16 natively: x86 AVX512-BF16 and
@@ -37,23 +38,6 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_flags() & NATIVE_BF16_FLAGS else torch.float32
 
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The first processor's feature flags (x86 ``flags``, Arm ``Features``); empty where unreadable."""
-    return frozenset((cpu_field(("flags", "Features"), cpuinfo) or "").split())
-
-
-def cpu_field(keys: tuple[str, ...], cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The first processor's value of the first of ``keys`` in ``cpuinfo`` (e.g. "model name")."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in keys:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
 
 # Extra end-of-sequence tokens some families emit besides the tokenizer's EOS.
 EXTRA_EOS_TOKENS = {"qwen2": ("<|endoftext|>", "<|im_end|>")}
@@ -183,9 +167,7 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                                  "GGUF checkpoint's own blocks are served on CPUs only)")
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
-        model = kernels.apply(quantize(model, scheme), linear_kernel)
-        fuse_projections(model)  # packed q / k / v and gate / up layers: one kernel call each
-        return model
+        return kernels.apply(quantize(model, scheme), linear_kernel)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

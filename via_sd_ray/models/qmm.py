@@ -37,7 +37,7 @@ _state: dict[str, str | None] = {}
 
 def _isa_tag() -> str:
     """A short digest of this CPU's vector features (the build is -march=native)."""
-    from via_sd_ray.models.loading import cpu_flags
+    from via_sd_ray.models.cpuinfo import cpu_flags
 
     vector = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse", "bmi")))
     return hashlib.sha1(" ".join(vector).encode()).hexdigest()[:10]

@@ -168,31 +168,78 @@ class SwiGLUPart(nn.Module):
         return self.swiglu.part(x, self.index)
 
 
+class FusedLinear(nn.Module):
+    """Several float ``nn.Linear`` layers with one input computed by one matmul: their weights concatenated,
+    the layers' own weights then views of it (nothing stored twice)."""
+
+    def __init__(self, parts: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+        with_bias = [p.bias is not None for p in parts]
+        self.bias = None
+        if any(with_bias):
+            self.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else p.weight.new_zeros(
+                p.out_features) for p in parts]), requires_grad=False)
+        self.in_features, self.out_features = parts[0].in_features, self.weight.shape[0]
+        start = 0
+        for part in parts:
+            end = start + part.out_features
+            part.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
+            if part.bias is not None:
+                part.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+            start = end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class FusedSwiGLU(FusedLinear):
+    """silu(gate(x)) * up(x) of two float layers: one matmul of their concatenated weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = nn.functional.linear(x, self.weight).chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up
+
+
+def _plain(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
 def fuse_projections(model: nn.Module) -> int:
-    """For every decoder layer of a packed model: its q / k / v projections (those of one format, from q on)
-    computed by one kernel call (``self_attn.via_qkv``, covering ``via_qkv_parts`` of them), and gate / up
-    with SiLU by one (``mlp.via_swiglu``). One read of the layer input and ~20 fewer small ops a layer. Returns
-    how many layers gained one."""
+    """For every decoder layer: its q / k / v projections of one format (from q on) computed by one call
+    (``self_attn.via_qkv``, covering ``via_qkv_parts`` of them), and gate / up with SiLU by one
+    (``mlp.via_swiglu``), as vLLM's merged QKV and gate-up layers do: one read of the layer input, fewer
+    launches and ~20 fewer small ops a layer. Packed layers fuse in the kernel (SwiGLU in its epilogue),
+    float ``nn.Linear`` layers by concatenated weights; other layer types (tensor-parallel, oneDNN) are left
+    as they are. Returns how many layers gained a fused call."""
     if getattr(model.config, "hidden_act", None) != "silu":
         return 0
     fused = 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(attn.q_proj, PackedLinear):
+        if hasattr(attn, "via_qkv") or hasattr(mlp, "via_swiglu"):  # fused before (another stack of the model)
+            fused += 1
             continue
-        parts = [attn.q_proj]
-        for nxt in (attn.k_proj, attn.v_proj):
-            if parts[0].same_format(nxt) and parts[-1].out_features % qmm.BLOCK == 0:
-                parts.append(nxt)
-            else:
-                break
-        if len(parts) > 1:
-            attn.via_qkv, attn.via_qkv_parts = PackedLinear.concat(parts), len(parts)
+        first = attn.q_proj
+        if isinstance(first, PackedLinear):
+            parts = [first]
+            for nxt in (attn.k_proj, attn.v_proj):
+                if first.same_format(nxt) and parts[-1].out_features % qmm.BLOCK == 0:
+                    parts.append(nxt)
+                else:
+                    break
+            if len(parts) > 1:
+                attn.via_qkv, attn.via_qkv_parts = PackedLinear.concat(parts), len(parts)
+        elif all(_plain(m) and m.weight.dtype == first.weight.dtype for m in (first, attn.k_proj, attn.v_proj)):
+            attn.via_qkv, attn.via_qkv_parts = FusedLinear([first, attn.k_proj, attn.v_proj]), 3
         gate, up = mlp.gate_proj, mlp.up_proj
         if (isinstance(gate, PackedLinear) and gate.same_format(up) and gate.bias is None and up.bias is None
                 and gate.out_features == up.out_features and gate.out_features % qmm.TILE == 0):
             mlp.via_swiglu = SwiGLU(gate, up)
             mlp.gate_proj, mlp.up_proj = SwiGLUPart(mlp.via_swiglu, 0), SwiGLUPart(mlp.via_swiglu, 1)
+        elif (_plain(gate) and _plain(up) and gate.bias is None and up.bias is None
+              and gate.weight.dtype == up.weight.dtype):
+            mlp.via_swiglu = FusedSwiGLU([gate, up])
         fused += hasattr(attn, "via_qkv") or hasattr(mlp, "via_swiglu")
     return fused
 
