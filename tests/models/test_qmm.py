@@ -132,3 +132,36 @@ def test_the_python_fallback_of_short_rows_equals_the_fused_ops():
         caches[fused_ops] = (torch.cat(out), cache.data.clone())
     assert torch.allclose(caches[True][0], caches[False][0], atol=1e-3)  # logits up to ~20: float32 noise
     assert torch.allclose(caches[True][1][..., :37, :], caches[False][1][..., :37, :], atol=1e-4)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 16)])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(bits, group):
+    """Each row of x is summed in one fixed order whatever M and the register blocks are: a verify block's
+    position computes bit for bit what a one-token step computes (what makes greedy sd equal ar below)."""
+    (codes, meta), _ = random_packed(80, 256, bits, group)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(13, 256).to(dtype)
+        whole = qmm.matmul(x, codes, meta, 80, bits, group)
+        for m in range(13):
+            assert torch.equal(whole[m : m + 1], qmm.matmul(x[m : m + 1], codes, meta, 80, bits, group))
+        assert torch.equal(whole[2:7], qmm.matmul(x[2:7], codes, meta, 80, bits, group))
+
+
+def test_greedy_sd_equals_ar_in_bf16_on_packed_models(build_tiny_engine):
+    """bf16 rounds a K-token verify pass differently from K one-token steps wherever a kernel's order depends on
+    M (README, bf16 drift); on packed models every op of a decode-shaped pass is row-wise, so greedy sd and
+    lossless via-sd keep the full model's tokens exactly in bf16 too."""
+    from via_sd_ray.core.policy import RouterPolicy
+    from via_sd_ray.core.sampling import SamplingParams
+
+    models = {role: {"source": f"tiny-random:{role}", "dtype": "bfloat16", "precision": "int4"}
+              for role in ("drafter", "verifier")}
+    engine = build_tiny_engine(models=models)
+    assert isinstance(engine.full.stack.layers[0].self_attn.o_proj, PackedLinear)
+    for text in ("a", "hello world", "def add(a, b):\n    return a + b\n"):
+        ids = engine.encode(text)
+        ar = engine.generate(ids, SamplingParams(max_tokens=24), RouterPolicy(mode="ar"))
+        for block_size in (2, 4, 7):
+            for policy in (RouterPolicy(mode="sd", block_size=block_size),
+                           RouterPolicy(mode="via-sd", block_size=block_size, lossless=True)):
+                assert engine.generate(ids, SamplingParams(max_tokens=24), policy).token_ids == ar.token_ids

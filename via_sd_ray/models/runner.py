@@ -29,7 +29,7 @@ from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
 from via_sd_ray.core.sampling import Proposal, draw, generator, suppress, token_logprobs, top_k_proposal, uniforms, warp
 from via_sd_ray.core.verify import Verdict, read_verdict, verify_on_device
 from via_sd_ray.errors import Overloaded
-from via_sd_ray.models.decoder import DecoderStack
+from via_sd_ray.models.decoder import SHORT_ROW, DecoderStack
 from via_sd_ray.models.kv_cache import KVCache, KVPool
 
 
@@ -224,9 +224,17 @@ class TierRunner:
                     results[i] = result
             return results
 
-    def _chunked(self, missing: list[int], tail: int) -> bool:
-        """Whether a call's catch-up (``missing``, before ``tail`` block tokens) runs a chunk ahead of it."""
-        return self.prefill_chunk is not None and len(missing) + tail > self.prefill_chunk and len(missing) > 1
+    def _ahead(self, missing: list[int], tail: int) -> int:
+        """How many of a call's catch-up tokens (``missing``, before ``tail`` block tokens) run ahead of it in a
+        pass of their own (0: none). A call whose pass would be longer than a decode-shaped row
+        (``SHORT_ROW``) or the prefill chunk runs its catch-up ahead, at most a chunk at a time and never its
+        last token: the pass with the logits is then always [last committed token] + block, as a one-token step
+        is, and each position is computed by the same code whatever block rides along (on packed CPU models,
+        bit for bit: greedy sd equals ar in bf16). A catch-up of one token never runs ahead."""
+        limit = SHORT_ROW if self.prefill_chunk is None else min(SHORT_ROW, self.prefill_chunk)
+        if len(missing) <= 1 or len(missing) + tail <= limit:
+            return 0
+        return min(len(missing) - 1, self.prefill_chunk or len(missing))
 
     def _draft_batch(self, calls: list[DraftCall]) -> list[Draft | Pending]:
         """Draft on the stack's device: each position's token is picked there and fed to the next pass
@@ -236,9 +244,10 @@ class TierRunner:
         row drafts its ``k`` tokens and the block is cut on the host (a decode step per block instead
         of a transfer per position)."""
         synced = [self._sync(c.generation_id, c.committed) for c in calls]
-        chunked = [self._chunked(missing, 0) for _, missing in synced]
+        ahead = [self._ahead(missing, 0) for _, missing in synced]
+        chunked = [n > 0 for n in ahead]
         caches = [cache for cache, _ in synced]
-        rows = [missing[: self.prefill_chunk] if chunk else missing for (_, missing), chunk in zip(synced, chunked)]
+        rows = [missing[:n] if n else missing for (_, missing), n in zip(synced, ahead)]
         logits = self.stack.forward_batch(rows, caches, [0 if chunk else 1 for chunk in chunked])
         self.stats.forward_tokens += sum(len(r) for r in rows)
         self.stats.prefill_chunks += sum(chunked)
@@ -318,9 +327,9 @@ class TierRunner:
     def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict | Pending]:
         synced = [self._sync(c.generation_id, c.committed) for c in calls]
         blocks = [list(c.block) for c in calls]
-        chunked = [self._chunked(missing, len(block)) for (_, missing), block in zip(synced, blocks)]
-        rows = [missing[: self.prefill_chunk] if chunk else missing + block
-                for (_, missing), block, chunk in zip(synced, blocks, chunked)]
+        ahead = [self._ahead(missing, len(block)) for (_, missing), block in zip(synced, blocks)]
+        chunked = [n > 0 for n in ahead]
+        rows = [missing[:n] if n else missing + block for (_, missing), block, n in zip(synced, blocks, ahead)]
         logits = self.stack.forward_batch(rows, [cache for cache, _ in synced],
                                           [0 if chunk else len(b) + 1 for b, chunk in zip(blocks, chunked)])
         self.stats.forward_tokens += sum(len(r) for r in rows)

@@ -141,12 +141,13 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, const uint16_t*
 #ifdef QMM_AVX512BF16
 // bf16 x, AVX512-BF16: 16 rows in one vector, each vdpbf16ps a pair of inputs. A block is two tiles (32
 // rows), so each broadcast pair of x feeds two vdpbf16ps (a broadcast costs a vector uop on some cores,
-// e.g. AMD Zen 4: one per vdpbf16ps halves its throughput). vdpbf16ps has a latency of ~6 cycles at one
-// a cycle: R rows x 2 tiles x S accumulators keep >= 8 chains in flight.
+// e.g. AMD Zen 4: one per vdpbf16ps halves its throughput). Every row of x is summed in the same order
+// whatever R and M are (one accumulator per row and tile, the same sequence of instructions), so a row's
+// result never depends on the rows beside it: a verify block computes each position exactly as a one-token
+// step would (greedy sd equals ar bit for bit where the rest of the pass is row-wise too).
 template <int BITS, int G, int R>
 void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;  // one tile's codes of a group
-  constexpr int S = R >= 3 ? 1 : 2;
   const int64_t groups = K / G;
   const __m512i nibble = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
   const __m512 c128 = _mm512_set1_ps(128.f);
@@ -158,11 +159,9 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* c = codes + g * 2 * gbytes;
     const uint16_t* xg = x + g * G;
-    __m512 acc[R][2][S];
+    __m512 acc[R][2];
 #pragma GCC unroll 4
-    for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-      for (int s = 0; s < S; ++s) acc[m][0][s] = acc[m][1][s] = _mm512_setzero_ps();
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     if (BITS == 4) {
       constexpr int units = G / 4;
 #pragma GCC unroll 8
@@ -173,14 +172,13 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
         __m512bh lo1 = (__m512bh)_mm512_ternarylogic_epi32(v1, nibble, bias, 0xEA);
         __m512bh hi0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 4), nibble, bias, 0xEA);
         __m512bh hi1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v1, 4), nibble, bias, 0xEA);
-        constexpr int hs = S - 1;  // the high nibbles' accumulator
 #pragma GCC unroll 4
         for (int m = 0; m < R; ++m) {
           const __m512bh a = pair(xg + m * K + 2 * u), b = pair(xg + m * K + 2 * (u + units));
-          acc[m][0][0] = _mm512_dpbf16_ps(acc[m][0][0], lo0, a);
-          acc[m][1][0] = _mm512_dpbf16_ps(acc[m][1][0], lo1, a);
-          acc[m][0][hs] = _mm512_dpbf16_ps(acc[m][0][hs], hi0, b);
-          acc[m][1][hs] = _mm512_dpbf16_ps(acc[m][1][hs], hi1, b);
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], lo0, a);
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], lo1, a);
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], hi0, b);
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], hi1, b);
         }
       }
     } else {
@@ -188,13 +186,11 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
       for (int p = 0; p < G / 2; ++p) {
         __m512bh w0 = (__m512bh)_mm512_or_si512(widen(c + p * 32), bias);
         __m512bh w1 = (__m512bh)_mm512_or_si512(widen(c + gbytes + p * 32), bias);
-        constexpr int s = 0;
-        const int t = S == 2 ? (p & 1) : s;
 #pragma GCC unroll 4
         for (int m = 0; m < R; ++m) {
           const __m512bh a = pair(xg + m * K + 2 * p);
-          acc[m][0][t] = _mm512_dpbf16_ps(acc[m][0][t], w0, a);
-          acc[m][1][t] = _mm512_dpbf16_ps(acc[m][1][t], w1, a);
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, a);
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, a);
         }
       }
     }
@@ -205,10 +201,8 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
       __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32 + 16)));
       __m512 shifted = _mm512_fnmadd_ps(sc, c128, lo);  // low - 128 * scale
 #pragma GCC unroll 4
-      for (int m = 0; m < R; ++m) {
-        __m512 sum = S == 2 ? _mm512_add_ps(acc[m][t][0], acc[m][t][S - 1]) : acc[m][t][0];
-        yacc[m][t] = _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(shifted, _mm512_set1_ps(xsum[m * groups + g]), yacc[m][t]));
-      }
+      for (int m = 0; m < R; ++m)
+        yacc[m][t] = _mm512_fmadd_ps(sc, acc[m][t], _mm512_fmadd_ps(shifted, _mm512_set1_ps(xsum[m * groups + g]), yacc[m][t]));
     }
   }
 #pragma GCC unroll 4
