@@ -160,7 +160,7 @@ def _finish(caches: list[KVCache], token_lists: list) -> None:
         cache.finish([-1] * len(tokens) if isinstance(tokens, torch.Tensor) else tokens)
 
 
-SHORT_ROW = 16  # rows of at most this many tokens (decode steps, verify blocks) attend by grouped matmuls
+SHORT_ROW = 32  # rows of at most this many tokens (decode steps, verify blocks, held via-sd blocks) attend per query
 
 
 class PackedRows:
