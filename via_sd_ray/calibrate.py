@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import yaml
 
+from via_sd_ray.bench import forget_prefixes
 from via_sd_ray.config import load_config
 from via_sd_ray.core.fidelity import FreeRunning
 from via_sd_ray.core.policy import SCORES, Mode, RouterPolicy
@@ -301,6 +302,7 @@ def reference_completions(engine: LocalEngine, args):
     ar = engine.config.router.policy(mode=Mode.AR)
     refs, seconds = [], []
     for i, ids in enumerate(encoded):
+        forget_prefixes(engine)
         result = engine.generate(ids, SamplingParams(max_tokens=args.max_tokens), ar)
         refs.append(result.token_ids)
         seconds.append(result.elapsed)
@@ -411,13 +413,18 @@ def confirm(engine: LocalEngine, args, encoded, refs, ref_seconds, policies: dic
     if layers is not None and list(layers) != list(engine.slim.stack.layer_ids):
         engine.slim = type(engine.slim)(DecoderStack(engine.verifier_model, layers), name="slim")
     params = SamplingParams(max_tokens=args.max_tokens)
+
+    def generate(ids: list[int], policy: RouterPolicy):
+        forget_prefixes(engine)  # no run starts from a prefix another run computed (nor is timed shorter for it)
+        return engine.generate(ids, params, policy)
+
     if ref_seconds is None:
         ar = engine.config.router.policy(mode=Mode.AR)
-        ref_seconds = [engine.generate(ids, params, ar).elapsed for ids in encoded[:n]]
+        ref_seconds = [generate(ids, ar).elapsed for ids in encoded[:n]]
     ar_rate = sum(len(r) for r in refs[:n]) / sum(ref_seconds[:n])
     out = {}
     for name, policy in policies.items():
-        results = [engine.generate(ids, params, policy) for ids in encoded[:n]]
+        results = [generate(ids, policy) for ids in encoded[:n]]
         fr = FreeRunning.of(refs[:n], [r.token_ids for r in results])
         rate = sum(len(r.token_ids) for r in results) / sum(r.elapsed for r in results)
         out[name] = {"prompts": n, "identical_share": round(fr.identical_share, 4),
