@@ -72,12 +72,13 @@ def test_chunked_prefill_equals_one_pass(stack):
     chunked = TierRunner(stack, stack.new_pool(2, 512), "full", prefill_chunk=64)
     call = verify_call("g", prompt)
     assert chunked.verify_batch([call], partial=True) == [PENDING]  # one chunk ran; the caller comes back
-    results = [chunked.verify_batch([call], partial=True)[0] for _ in range(5)]
-    # 300 tokens: four chunks of 64, then the 43 before the last (a pass with logits is [last] + block)
-    assert results[:4] == [PENDING] * 4 and results[4] is not PENDING
-    assert chunked.stats.prefill_chunks == 5
+    results = [chunked.verify_batch([call], partial=True)[0] for _ in range(4)]
+    # 300 tokens: four chunks of 64, then the 43 before the last (a pass with logits is [last] + block) and,
+    # in the same call, the decode-shaped pass: a call comes back only after a full chunk
+    assert results[:3] == [PENDING] * 3 and results[3] is not PENDING
+    assert chunked.stats.prefill_chunks == 5 and chunked.stats.calls == 5
     expected = one.verify(call)
-    assert key(results[4]) == key(expected)
+    assert key(results[3]) == key(expected)
     a, b = one.caches["g"], chunked.caches["g"]
     assert a.token_ids == b.token_ids
     torch.testing.assert_close(b.data[..., : len(b), :], a.data[..., : len(a), :], rtol=0, atol=1e-9)

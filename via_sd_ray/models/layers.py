@@ -79,6 +79,11 @@ class RotaryTable:
         return self.cos[positions], self.sin[positions]
 
 
+def _rows(linear: nn.Module) -> int:
+    """A projection's output width (DeepSpeed's tensor-parallel ``LinearLayer`` has no ``out_features``)."""
+    return getattr(linear, "out_features", None) or linear.weight.shape[0]
+
+
 class LayerPlan:
     """A decoder layer's callables, looked up once (see the module docstring)."""
 
@@ -89,7 +94,7 @@ class LayerPlan:
         fused = getattr(attn, "via_qkv", None)
         self.qkv = cheapest(fused) if fused is not None else None
         parts = getattr(attn, "via_qkv_parts", 0)
-        self.widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features][:parts]
+        self.widths = [_rows(proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)[:parts]]
         self.q, self.k = cheapest(attn.q_proj), cheapest(attn.k_proj)
         self.v = None if parts == 3 else cheapest(attn.v_proj)
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # qwen3

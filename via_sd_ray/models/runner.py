@@ -83,6 +83,7 @@ class TierRunner:
         self.started: set[str] = set()  # generations that hold or held a cache here and were not released
         self.stats = RunnerStats()
         self._lock = threading.Lock()  # calls of one runner run one at a time
+        self._continuing = False  # a call whose catch-up ran ahead runs on (``_run``)
         self._slots = threading.Lock()  # slot bookkeeping (admission runs off the batch thread)
 
     @property
@@ -218,11 +219,22 @@ class TierRunner:
     def _run(self, calls: list, run, partial: bool) -> list:
         with self._lock:
             results = _by_unique_generation(calls, run)
-            while not partial and any(r is PENDING for r in results):
-                again = [i for i, r in enumerate(results) if r is PENDING]
-                for i, result in zip(again, _by_unique_generation([calls[i] for i in again], run)):
-                    results[i] = result
-            return results
+            while True:  # a catch-up that ran ahead without only its last token ends now, partial or not
+                again = [i for i, r in enumerate(results) if r is PENDING and (not partial or self._one_left(calls[i]))]
+                if not again:
+                    return results
+                self._continuing = True  # the same calls: not counted again
+                try:
+                    for i, result in zip(again, _by_unique_generation([calls[i] for i in again], run)):
+                        results[i] = result
+                finally:
+                    self._continuing = False
+
+    def _one_left(self, call) -> bool:
+        """Whether the generation's cache lacks only the last committed token of ``call`` (its catch-up ran
+        ahead of it, see ``_ahead``): the rest of the call is a decode-shaped pass, not another prefill chunk."""
+        cache = self.caches.get(call.generation_id)
+        return cache is not None and len(call.committed) - cache.common_prefix(call.committed) == 1
 
     def _ahead(self, missing: list[int], tail: int) -> int:
         """How many of a call's catch-up tokens (``missing``, before ``tail`` block tokens) run ahead of it in a
@@ -360,7 +372,7 @@ class TierRunner:
     def _sync(self, generation_id: str, committed: list[int]) -> tuple[KVCache, list[int]]:
         """The generation's cache, rolled back to what it shares with ``committed``, and the
         committed tokens it lacks (at least the last one, whose logits the call needs)."""
-        self.stats.calls += 1
+        self.stats.calls += not self._continuing
         cache = self.caches.get(generation_id)
         if cache is None:
             if generation_id in self.started:
@@ -370,7 +382,7 @@ class TierRunner:
             self.started.add(generation_id)
             self.stats.cache_misses += 1
         else:
-            self.stats.cache_hits += 1
+            self.stats.cache_hits += not self._continuing
         self.last_used[generation_id] = time.monotonic()
         keep = min(cache.common_prefix(committed), len(committed) - 1)
         cache.crop(keep)
