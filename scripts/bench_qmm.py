@@ -4,8 +4,8 @@
 
 Per shape (gate/up 1536 -> 8960, down 8960 -> 1536, the LM head 1536 -> 151936) and rows M (1: a decode step,
 5 and 13: verify blocks, 32: a batch): milliseconds per call (best of 5 rounds) of our grouped kernel
-(`via_sd::qmm`, 4-bit codes in groups of 32, or 6-bit Q6_K codes as bytes in groups of 16 for the down
-projection and the head), torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32) and a
+(`via_sd::qmm`, 4-bit codes in groups of 32, or 6-bit Q6_K codes in groups of 16 for the down projection
+and the head), torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32) and a
 bf16 `F.linear` (oneDNN), bf16 activations. Random weights: timing only. Prints JSON.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from via_sd_ray.models import qmm
 
-SHAPES = {"gate_up": (8960, 1536, 4, 32), "down": (1536, 8960, 8, 16), "lm_head": (151936, 1536, 8, 16)}
+SHAPES = {"gate_up": (8960, 1536, 4, 32), "down": (1536, 8960, 6, 16), "lm_head": (151936, 1536, 6, 16)}
 
 
 def best_ms(fn, calls: int) -> float:

@@ -117,8 +117,8 @@ def test_a_tiny_model_through_the_gguf_path_decodes_as_its_dequantized_copy(tmp_
     served = tiny_model("verifier", dtype=torch.float64, model_type=model_type)
     counts = gguf_blocks.apply_gguf_blocks(served, path)
     layers = 7 * served.config.num_hidden_layers
-    assert counts["int4" if kind.name.startswith("Q4") else "int8"] >= layers  # 4-bit codes at 4 bits, 5-bit at 8
-    assert counts["int4"] + counts["int8"] == len(dequantized) == layers + (head is not None)
+    assert counts["int4" if kind.name.startswith("Q4") else "int6"] >= layers  # 4-bit codes at 4 bits, 5-bit at 6
+    assert counts["int4"] + counts["int6"] == len(dequantized) == layers + (head is not None)
     assert counts["float"] == (head is None)  # an LM head not in the file keeps its float weight
     ids = torch.tensor([[5, 77, 120, 33, 9]])
     with torch.inference_mode():

@@ -9,7 +9,7 @@ Every group of these formats is affine in its integer code ``q``:
 - Q6_K (256-weight super-blocks of 16 groups of 16): ``w = d * sc_j * (q - 32)``, int8 ``sc_j``; 6-bit q.
 
 So ``w = scale * q + low`` per group, which the layout of ``quant.PackedLinear`` holds as it is: 4-bit codes
-at 4 bits, 5- and 6-bit codes at a byte each, and a scale and an offset per group and output row. The codes
+at 4 bits, 5- and 6-bit codes at 6 bits, and a scale and an offset per group and output row. The codes
 are the checkpoint's own; only the per-group scale and offset are rounded (to fp16, the kernel's: a
 relative 2^-11, where the bf16 checkpoint the registry ships rounds every weight by up to 2^-9). Tensors in
 other formats (Q8_0, F16, F32) keep the float weights the model was loaded with.
@@ -33,8 +33,8 @@ SUPER = 256  # K-quant super-block
 Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K = 2, 3, 6, 7, 12, 14
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q4_K: 144, Q6_K: 210}
 BLOCK_WEIGHTS = {Q4_0: GROUP, Q4_1: GROUP, Q5_0: GROUP, Q5_1: GROUP, Q4_K: SUPER, Q6_K: SUPER}
-# (bits per code in the kernel's layout, weights per group): 4-bit codes packed two to a byte, others one
-LAYOUT = {Q4_0: (4, 32), Q4_1: (4, 32), Q4_K: (4, 32), Q5_0: (8, 32), Q5_1: (8, 32), Q6_K: (8, 16)}
+# (bits per code in the kernel's layout, weights per group): 4-bit codes at 4 bits, 5- and 6-bit ones at 6
+LAYOUT = {Q4_0: (4, 32), Q4_1: (4, 32), Q4_K: (4, 32), Q5_0: (6, 32), Q5_1: (6, 32), Q6_K: (6, 16)}
 # GGUF name of each decoder-layer linear, as llama.cpp writes llama / qwen2 checkpoints
 LAYER_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -48,7 +48,7 @@ class QTensor:
     codes: torch.Tensor  # [out, in] uint8 below 2**bits
     scale: torch.Tensor  # [out, in / group] float32
     low: torch.Tensor  # [out, in / group] float32
-    bits: int = 4  # the kernel's code width: 4, or 8 for 5- and 6-bit codes
+    bits: int = 4  # the kernel's code width: 4, or 6 for 5- and 6-bit codes
     group: int = GROUP
 
     def dequantize(self) -> torch.Tensor:
@@ -182,7 +182,7 @@ def apply_gguf_blocks(model: nn.Module, path: str | Path, layers: list[int] | No
     from via_sd_ray.models.quant import PackedLinear
 
     found = block_tensors(path, model.config, layers, kinds or frozenset(BLOCK_BYTES))
-    counts = {"int4": 0, "int8": 0}
+    counts = {"int4": 0, "int6": 0}
     for name, weights in found.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -195,5 +195,5 @@ def apply_gguf_blocks(model: nn.Module, path: str | Path, layers: list[int] | No
         counts[f"int{weights.bits}"] += 1
     counts["float"] = sum(isinstance(m, nn.Linear) for m in model.modules())
     log.info("%s: %d linear layers at 4-bit codes, %d at 5/6-bit codes, %d kept in float (other GGUF types)",
-             Path(path).name, counts["int4"], counts["int8"], counts["float"])
+             Path(path).name, counts["int4"], counts["int6"], counts["float"])
     return counts

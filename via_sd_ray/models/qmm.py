@@ -2,18 +2,18 @@
 
 A weight [N, K] is held as codes with a scale and a low per group of G inputs and output row,
 ``w = scale * code + low``: 4-bit codes (GGUF Q4_K / Q4_0 / Q4_1 blocks, or int4 quantized from float
-weights) in groups of 32, or 6-bit codes (GGUF Q6_K) as bytes in groups of 16. ``matmul`` reads every
-weight once for all M rows of its input (a verify block, a batch of decode rows), so a multi-token pass
-costs little more than a one-token one; torch's own CPU int4 kernel is a matrix-vector kernel whose cost
-grows with M, and no torchao layout runs int4 weight-only on x86 CPUs (README, precision). Activations
-stay in the model's dtype: bf16 products accumulate in float32 (``vdpbf16ps``, AVX512-BF16), float32
-activations in float32 (AVX2 FMA); nothing is rounded to int8.
+weights) in groups of 32, or 6-bit codes (GGUF Q6_K in groups of 16; Q5_0 / Q5_1 in groups of 32).
+``matmul`` reads every weight once for all M rows of its input (a verify block, a batch of decode rows), so
+a multi-token pass costs little more than a one-token one; torch's own CPU int4 kernel is a matrix-vector
+kernel whose cost grows with M, and no torchao layout runs int4 weight-only on x86 CPUs (README, precision).
+Activations stay in the model's dtype: bf16 products accumulate in float32 (``vdpbf16ps``, AVX512-BF16),
+float32 activations in float32 (AVX2 FMA); nothing is rounded to int8.
 
 The kernel is compiled with ``-march=native`` by ``torch.utils.cpp_extension`` (about 15 s, once per
-machine: cached under ``TORCH_EXTENSIONS_DIR``, named by the CPU's features so a cache shared between
-machines never serves one CPU another's code). It needs a C++ compiler and ninja; where it cannot be
-built, ``available()`` says why, ``precision: auto`` falls back to bf16 and an explicit int4 / gguf is a
-config error.
+machine: cached under ``TORCH_EXTENSIONS_DIR``, named by the CPU's features and the source, so a cache
+shared between machines or package versions never serves one another's code). It needs a C++ compiler and
+ninja; where it cannot be built, ``available()`` says why, ``precision: auto`` falls back to bf16 and an
+explicit int4 / gguf is a config error.
 """
 
 from __future__ import annotations
@@ -29,18 +29,19 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qmm.cpp"
 TILE, BLOCK = 16, 32  # output rows per vector tile, per packed block (two tiles)
-FORMATS = ((4, 32), (4, 16), (8, 32), (8, 16))  # (bits per code, inputs per group) the kernel takes
+FORMATS = ((4, 32), (4, 16), (6, 32), (6, 16))  # (bits per code, inputs per group) the kernel takes
 
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}
 
 
-def _isa_tag() -> str:
-    """A short digest of this CPU's vector features (the build is -march=native)."""
+def _build_tag() -> str:
+    """A short digest of this CPU's vector features (the build is -march=native) and of the source: two
+    versions of the package on one machine never load (or rebuild, under each other) one build."""
     from via_sd_ray.models.cpuinfo import cpu_flags
 
     vector = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse", "bmi")))
-    return hashlib.sha1(" ".join(vector).encode()).hexdigest()[:10]
+    return hashlib.sha1(" ".join(vector).encode() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
 def available() -> str | None:
@@ -64,7 +65,7 @@ def _build() -> str | None:
         try:
             from torch.utils import cpp_extension
 
-            cpp_extension.load(name=f"via_sd_qmm_{_isa_tag()}", sources=[str(SOURCE)],
+            cpp_extension.load(name=f"via_sd_qmm_{_build_tag()}", sources=[str(SOURCE)],
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
         except Exception as exc:  # no compiler, no ninja, a failed build: the reason goes to the user
@@ -95,7 +96,7 @@ def isa(dtype: torch.dtype) -> str:
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
          group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``codes`` [N, K] (integers < 2**bits, and < 128), ``scale`` and ``low`` [N, K / group] -> the kernel's
+    """``codes`` [N, K] (integers < 2**bits), ``scale`` and ``low`` [N, K / group] -> the kernel's
     layout: codes uint8 [blocks, groups, 2, 16 * group * bits / 8] and meta fp16 [blocks, groups, 2, 2, 16]
     (rows padded to a multiple of 32 with zero weights). See csrc/qmm.cpp for the byte order."""
     require()
@@ -105,8 +106,8 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
     if inputs % group or scale.shape != (rows, inputs // group) or low.shape != scale.shape:
         raise ValueError(f"qmm: expected codes [N, K] with K a multiple of {group} and scale, low [N, K / {group}], "
                          f"received {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(low.shape)}")
-    if int(codes.max()) >= min(2**bits, 128) or int(codes.min()) < 0:
-        raise ValueError(f"qmm: expected {bits}-bit codes below {min(2**bits, 128)}, received "
+    if int(codes.max()) >= 2**bits or int(codes.min()) < 0:
+        raise ValueError(f"qmm: expected {bits}-bit codes below {2**bits}, received "
                          f"{int(codes.min())}..{int(codes.max())}")
     meta = torch.stack([scale, low], dim=-1).to(torch.float16)  # [N, groups, 2]
     if not torch.isfinite(meta).all():
@@ -117,15 +118,29 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
     meta = torch.cat([meta, meta.new_zeros((pad, groups, 2))])
     tiles = blocks * 2
     c = codes.view(tiles, TILE, groups, group)
-    if bits == 8:  # per pair of inputs 32 bytes: byte j = row j // 2, input 2p + j % 2
-        c = c.view(tiles, TILE, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
-    else:  # per unit of 32 bytes: the pair u in the low nibbles, the pair u + group / 4 in the high ones
-        units = group // 4
-        c = c.view(tiles, TILE, groups, 2, units, 2).permute(0, 2, 4, 1, 5, 3)  # [t, g, unit, row, half, high]
-        c = c[..., 0] | (c[..., 1] << 4)
-    c = c.reshape(blocks, 2, groups, -1).transpose(1, 2).contiguous()
+    # per unit of 32 bytes: the pair u in the low nibbles, the pair u + group / 4 in the high ones
+    units = group // 4
+    low4 = (c & 15).view(tiles, TILE, groups, 2, units, 2).permute(0, 2, 4, 1, 5, 3)  # [t, g, unit, row, half, high]
+    planes = [(low4[..., 0] | (low4[..., 1] << 4)).reshape(tiles, groups, -1)]
+    if bits == 6:  # then the top 2 bits: pair p at unit p % (group / 8), bits 2 * (p // (group / 8))
+        top = (c >> 4).view(tiles, TILE, groups, 4, group // 8, 2).permute(0, 2, 4, 1, 5, 3)  # [.., row, half, slot]
+        top = top[..., 0] | (top[..., 1] << 2) | (top[..., 2] << 4) | (top[..., 3] << 6)
+        planes.append(top.reshape(tiles, groups, -1))
+    c = torch.cat(planes, dim=-1).view(blocks, 2, groups, -1).transpose(1, 2)
     m = meta.view(tiles, TILE, groups, 2).permute(0, 2, 3, 1).reshape(blocks, 2, groups, 2, TILE)
-    return c, m.transpose(1, 2).contiguous()
+    return interleave(c), m.transpose(1, 2).contiguous()
+
+
+def interleave(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [blocks, groups, 2, bytes] with each tile's bytes in one run -> the kernel's order: per 32-byte
+    unit, the two tiles' bytes alternating by 8 (see csrc/qmm.cpp). ``deinterleave`` undoes it."""
+    b, g, _, n = codes.shape
+    return codes.reshape(b, g, 2, n // 32, 4, 8).permute(0, 1, 3, 4, 2, 5).reshape(b, g, 2, n).contiguous()
+
+
+def deinterleave(codes: torch.Tensor) -> torch.Tensor:
+    b, g, _, n = codes.shape
+    return codes.reshape(b, g, n // 32, 4, 2, 8).permute(0, 1, 4, 2, 3, 5).reshape(b, g, 2, n).contiguous()
 
 
 def matmul(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, n: int, bits: int, group: int,
@@ -161,7 +176,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def tiles(codes: torch.Tensor, meta: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed weight's first ``rows`` / 16 tiles: codes [tiles, groups, bytes], meta [tiles, groups, 2, 16]."""
     count = rows // TILE
-    codes = codes.transpose(1, 2).reshape(-1, codes.shape[1], codes.shape[3])[:count]
+    codes = deinterleave(codes).transpose(1, 2).reshape(-1, codes.shape[1], codes.shape[3])[:count]
     meta = meta.transpose(1, 2).reshape(-1, meta.shape[1], 2, TILE)[:count]
     return codes, meta
 
@@ -171,5 +186,5 @@ def swiglu_layout(gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tenso
     """One packed weight of two (``rows`` each, a multiple of 16) whose block j holds tile j of ``gate`` then tile
     j of ``up``: what ``matmul(..., swiglu=True)`` takes."""
     (gate_codes, gate_meta), (up_codes, up_meta) = tiles(*gate, rows), tiles(*up, rows)
-    return (torch.stack([gate_codes, up_codes], dim=2).contiguous(),
+    return (interleave(torch.stack([gate_codes, up_codes], dim=2)),
             torch.stack([gate_meta, up_meta], dim=2).contiguous())

@@ -8,7 +8,7 @@ float weights (each group's min and max span the codes) or from the codes a GGUF
 checkpoint's own weights). ``config.ModelConfig.precision`` chooses; int4 is the drafter's default
 (a drafter's errors cost speed, never correctness).
 
-On a CPU, int4 layers (and a GGUF checkpoint's Q6_K layers, at 8 bits a code) run on the grouped kernel
+On a CPU, int4 layers (and a GGUF checkpoint's Q5 / Q6_K layers, at 6 bits a code) run on the grouped kernel
 of ``models/qmm.py``, int8 on torch's ``_weight_int8pack_mm``. Why not a library: torchao 0.18, the
 latest release, has no CPU int4 weight-only layout (its int4 weight-only tensors need CUDA or the mslk
 kernels; its int8-activation layouts either de-quantize per call or need its C++ kernel library, which
@@ -61,7 +61,7 @@ class PackedLinear(nn.Module):
     """``nn.Linear`` with low-bit weights in groups of ``group`` input channels: ``w = scale * code + low`` per
     group and output row, packed for the grouped CPU kernel (``models/qmm.py``). Built from a float layer
     (``PackedLinear.from_float``: int4, each group's min and max span the codes 0..15) or from codes a
-    checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks at 4 bits, its Q6_K blocks at 8,
+    checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks at 4 bits, its Q5 / Q6_K blocks at 6,
     models/gguf_blocks.py)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,

@@ -1,19 +1,23 @@
 // Grouped low-bit weight matmul on CPUs: y[M, N] = x[M, K] . W[N, K]^T, where each group of G inputs
-// of each output row holds w = scale * code + low (code < 128; 4-bit codes packed two to a byte,
-// 8-bit codes one to a byte). One pass over the packed weights serves all M rows of x, so a verify
-// block or a batch of decode rows reads each weight once, and the activations stay in the model's
-// dtype (bf16 products accumulate in float32, nothing is rounded to int8).
+// of each output row holds w = scale * code + low (4-bit codes packed two to a byte; 5- and 6-bit codes
+// as a 4-bit plane and a 2-bit plane, 6 bits a code). One pass over the packed weights serves all M rows
+// of x, so a verify block or a batch of decode rows reads each weight once, and the activations stay in
+// the model's dtype (bf16 products accumulate in float32, nothing is rounded to int8).
 //
 // Packed layout (built by via_sd_ray/models/qmm.py:pack), per block of 32 output rows (two tiles of 16)
 // and group, so that a thread streams its blocks' weights in one run:
-//   codes  uint8  [blocks, groups, 2 tiles, 16 * G * BITS / 8]
-//          8 bits: per pair of inputs (k, k+1) 32 bytes; byte j = row j/2, input k + j%2.
-//          4 bits: per unit of 32 bytes two such pairs: the low nibbles the pair u, the high nibbles the
-//          pair u + G/4 (G/4 units a group).
+//   codes  uint8  [blocks, groups, 2 * 16 * G * BITS / 8] (viewed as [blocks, groups, 2, 16 * G * BITS / 8])
+//          4 bits: G/4 units of 64 bytes, each two tiles' 32: byte j of a tile's unit u holds its row j/2's
+//          input 2u + j%2 in the low nibble and input 2(u + G/4) + j%2 in the high one (a unit's low
+//          nibbles are the pair of inputs u, its high nibbles the pair u + G/4, 16 rows x 2 inputs each).
+//          The two tiles' bytes alternate by 8: byte j of tile t is at 16 * (j / 8) + 8 * t + j % 8.
+//          6 bits: the low 4 bits of each code as the 4-bit layout, then G/8 units of 64 bytes of their
+//          top 2 bits, tiles alternating the same way: pair p's at unit p % (G/8), bits 2 * (p / (G/8)).
 //   meta   fp16   [blocks, groups, 2 tiles, 2, 16]: the group's scale, then its low, of the tile's rows.
-// A 32-byte unit widened to 16-bit words is then 16 rows x 2 inputs, what vdpbf16ps multiplies with a
-// broadcast pair of x; a code q becomes the bf16 of 128 + q by or-ing 0x4300 into its word (exact for
-// q < 128), and the group's sum folds the 128 back out: scale * S + (low - 128 * scale) * sum(x).
+// Interleaving a unit's 64 bytes with bytes 0x43 (vpunpcklbw / vpunpckhbw, within 16-byte lanes) makes
+// tile 0's and tile 1's 32 words: 16 rows x 2 inputs, what vdpbf16ps multiplies with a broadcast pair of
+// x, where a code q is the bf16 of 128 + q (0x4300 | q, exact for q < 128); the group's sum folds the 128
+// back out: scale * S + (low - 128 * scale) * sum(x).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,25 +43,34 @@ namespace {
 
 constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
 constexpr int BLOCK = 32;  // output rows per block: two tiles
-constexpr int MT = 4;      // rows of x per register block
+constexpr int MT = 4;      // rows of x per register block (AVX2: 16 vector registers)
+constexpr int MT_BF16 = 8; // rows of x per register block (AVX512: 32 vector registers)
 
 float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
 inline int64_t group_bytes(int64_t bits, int64_t group) { return TILE * group * bits / 8; }
 
-// The code of tile row r at input offset k (within a group) from a packed group.
-inline int code_at(const uint8_t* c, int64_t bits, int64_t group, int r, int k) {
-  int pair = k / 2, half = k % 2;
-  if (bits == 8) return c[pair * 32 + r * 2 + half];
+// Where byte j (0..31) of tile t sits in a 64-byte unit.
+inline int unit_byte(int t, int j) { return 16 * (j / 8) + 8 * t + j % 8; }
+
+// The code of tile t's row r at input offset k (within a group) from a packed group ``c`` (both tiles).
+inline int code_at(const uint8_t* c, int64_t bits, int64_t group, int t, int r, int k) {
+  int pair = k / 2, at = unit_byte(t, r * 2 + k % 2);
   int units = group / 4;
   int unit = pair % units, high = pair / units;
-  uint8_t byte = c[unit * 32 + r * 2 + half];
-  return high ? byte >> 4 : byte & 15;
+  uint8_t byte = c[unit * 64 + at];
+  int code = high ? byte >> 4 : byte & 15;
+  if (bits == 6) {
+    int top_units = group / 8;
+    uint8_t top = c[group * 16 + (pair % top_units) * 64 + at];
+    code |= ((top >> (2 * (pair / top_units))) & 3) << 4;
+  }
+  return code;
 }
 
 // Portable reference: every ISA's result should equal it to float32 rounding.
-// ``codes`` / ``meta``: the tile's first group; a block's groups are 2 tiles apart.
-void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes, const uint16_t* meta,
+// ``codes``: the block's; ``meta``: tile t's of the first group (a block's groups are 2 tiles apart).
+void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes, int t, const uint16_t* meta,
                  int64_t bits, int64_t group, float* y) {
   int64_t groups = K / group, gbytes = group_bytes(bits, group);
   for (int64_t m = 0; m < m_rows; ++m) {
@@ -69,7 +82,7 @@ void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes
         float dot = 0.f, sum = 0.f;
         for (int k = 0; k < group; ++k) {
           float xv = x[m * K + g * group + k];
-          dot += code_at(c, bits, group, r, k) * xv;
+          dot += code_at(c, bits, group, t, r, k) * xv;
           sum += xv;
         }
         total += scale * dot + low * sum;
@@ -80,9 +93,16 @@ void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes
 }
 
 #ifdef QMM_AVX2
-// float32 x, AVX2 + FMA: 16 rows as two vectors of 8, codes widened to float32.
+// Tile t's 32 bytes of a 64-byte unit.
+inline __m256i tile_bytes(const uint8_t* unit, int t) {
+  auto at = [&](int lane) { int64_t v; std::memcpy(&v, unit + 16 * lane + 8 * t, 8); return v; };
+  return _mm256_set_epi64x(at(3), at(2), at(1), at(0));
+}
+
+// float32 x, AVX2 + FMA: 16 rows (tile t of the block ``codes``) as two vectors of 8, codes widened to float32.
 template <int BITS, int G, int R>
-void block_avx2(const float* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, const float* xsum) {
+void block_avx2(const float* x, int64_t K, const uint8_t* codes, int t, const uint16_t* meta, float* y,
+                const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;
   const int64_t groups = K / G;
   __m256 yacc[R][2];
@@ -95,14 +115,15 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, const uint16_t*
     constexpr int pairs = G / 2;
     for (int p = 0; p < pairs; ++p) {
       // the 32 bytes of rows x (k, k+1) for this pair
-      __m256i raw;
-      if (BITS == 8) {
-        raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + p * 32));
-      } else {
-        constexpr int units = G / 4;
-        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (p % units) * 32));
-        raw = p < units ? _mm256_and_si256(packed, _mm256_set1_epi8(15))
-                        : _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(15));
+      constexpr int units = G / 4;
+      __m256i packed = tile_bytes(c + (p % units) * 64, t);
+      __m256i raw = p < units ? _mm256_and_si256(packed, _mm256_set1_epi8(15))
+                              : _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(15));
+      if (BITS == 6) {  // the top 2 bits, from the second plane
+        constexpr int top_units = G / 8;
+        __m256i top = tile_bytes(c + G * 16 + (p % top_units) * 64, t);
+        top = _mm256_srl_epi16(top, _mm_cvtsi32_si128(2 * (p / top_units)));
+        raw = _mm256_or_si256(raw, _mm256_slli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(3)), 4));
       }
       // words: even bytes are input k of rows 0..15, odd bytes input k + 1
       __m256i even = _mm256_and_si256(raw, even_mask), odd = _mm256_srli_epi16(raw, 8);
@@ -145,53 +166,64 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, const uint16_t*
 // whatever R and M are (one accumulator per row and tile, the same sequence of instructions), so a row's
 // result never depends on the rows beside it: a verify block computes each position exactly as a one-token
 // step would (greedy sd equals ar bit for bit where the rest of the pass is row-wise too).
+
+// The bf16 words of unit u of a group's codes ``c`` (both tiles): {low pair tile 0, tile 1, high pair tile 0,
+// tile 1}, each 16 rows x 2 inputs. The codes are made in bytes, 64 at a time (both tiles), then widened.
+template <int BITS, int G>
+inline void unpack_unit(const uint8_t* c, int u, __m512i w[4]) {
+  constexpr int top_units = G / 8;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(0x43);
+  const __m512i v = _mm512_loadu_si512(c + u * 64);
+  __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  if (BITS == 6) {
+    // the top 2 bits of pair u sit at bits s = 2 * (u / top_units) of the top plane's byte, of pair u + G/4
+    // at s + 4: moved to bits 4-5 and or-ed in (ternary logic A & B | C = 0xEA; 16-bit shifts leak bits
+    // across bytes only outside the mask)
+    const int s = 2 * (u / top_units);
+    const __m512i t = _mm512_loadu_si512(c + G * 16 + (u % top_units) * 64);
+    lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(t, 4 - s), top, lo, 0xEA);
+    hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(t, s), top, hi, 0xEA);
+  }
+  w[0] = _mm512_unpacklo_epi8(lo, bias);
+  w[1] = _mm512_unpackhi_epi8(lo, bias);
+  w[2] = _mm512_unpacklo_epi8(hi, bias);
+  w[3] = _mm512_unpackhi_epi8(hi, bias);
+}
+
+// R rows of x times one block, into y [R, 32]. Up to 4 rows the running sums stay in registers; above, in
+// y (the group's 2R accumulators take the registers): the same operations in the same order either way.
 template <int BITS, int G, int R>
 void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;  // one tile's codes of a group
+  constexpr bool in_registers = R <= 4;
   const int64_t groups = K / G;
-  const __m512i nibble = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
   const __m512 c128 = _mm512_set1_ps(128.f);
-  __m512 yacc[R][2];
-#pragma GCC unroll 4
-  for (int m = 0; m < R; ++m) yacc[m][0] = yacc[m][1] = _mm512_setzero_ps();
+  __m512 yacc[in_registers ? R : 1][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    if (in_registers) yacc[m][0] = yacc[m][1] = _mm512_setzero_ps();
+    else _mm512_storeu_ps(y + m * BLOCK, _mm512_setzero_ps()), _mm512_storeu_ps(y + m * BLOCK + TILE, _mm512_setzero_ps());
+  }
   auto pair = [](const uint16_t* p) { int32_t v; std::memcpy(&v, p, 4); return (__m512bh)_mm512_set1_epi32(v); };
-  auto widen = [](const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* c = codes + g * 2 * gbytes;
     const uint16_t* xg = x + g * G;
     __m512 acc[R][2];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    if (BITS == 4) {
-      constexpr int units = G / 4;
+    constexpr int units = G / 4;
 #pragma GCC unroll 8
-      for (int u = 0; u < units; ++u) {
-        // (v & 15) | 0x4300 of each tile's low nibbles, and of its high ones: ternary logic A & B | C = 0xEA
-        __m512i v0 = widen(c + u * 32), v1 = widen(c + gbytes + u * 32);
-        __m512bh lo0 = (__m512bh)_mm512_ternarylogic_epi32(v0, nibble, bias, 0xEA);
-        __m512bh lo1 = (__m512bh)_mm512_ternarylogic_epi32(v1, nibble, bias, 0xEA);
-        __m512bh hi0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 4), nibble, bias, 0xEA);
-        __m512bh hi1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v1, 4), nibble, bias, 0xEA);
-#pragma GCC unroll 4
-        for (int m = 0; m < R; ++m) {
-          const __m512bh a = pair(xg + m * K + 2 * u), b = pair(xg + m * K + 2 * (u + units));
-          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], lo0, a);
-          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], lo1, a);
-          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], hi0, b);
-          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], hi1, b);
-        }
-      }
-    } else {
+    for (int u = 0; u < units; ++u) {
+      __m512i w[4];
+      unpack_unit<BITS, G>(c, u, w);
+      const __m512i lo0 = w[0], lo1 = w[1], hi0 = w[2], hi1 = w[3];
 #pragma GCC unroll 8
-      for (int p = 0; p < G / 2; ++p) {
-        __m512bh w0 = (__m512bh)_mm512_or_si512(widen(c + p * 32), bias);
-        __m512bh w1 = (__m512bh)_mm512_or_si512(widen(c + gbytes + p * 32), bias);
-#pragma GCC unroll 4
-        for (int m = 0; m < R; ++m) {
-          const __m512bh a = pair(xg + m * K + 2 * p);
-          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, a);
-          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, a);
-        }
+      for (int m = 0; m < R; ++m) {
+        const __m512bh a = pair(xg + m * K + 2 * u), b = pair(xg + m * K + 2 * (u + units));
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)lo0, a);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)lo1, a);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)hi0, b);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)hi1, b);
       }
     }
     const uint16_t* mg = meta + g * 64;  // [tile][scale | low][16]
@@ -200,35 +232,41 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
       __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32)));
       __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32 + 16)));
       __m512 shifted = _mm512_fnmadd_ps(sc, c128, lo);  // low - 128 * scale
-#pragma GCC unroll 4
-      for (int m = 0; m < R; ++m)
-        yacc[m][t] = _mm512_fmadd_ps(sc, acc[m][t], _mm512_fmadd_ps(shifted, _mm512_set1_ps(xsum[m * groups + g]), yacc[m][t]));
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        float* out = y + m * BLOCK + t * TILE;
+        const __m512 before = in_registers ? yacc[m][t] : _mm512_loadu_ps(out);
+        const __m512 after = _mm512_fmadd_ps(sc, acc[m][t], _mm512_fmadd_ps(shifted, _mm512_set1_ps(xsum[m * groups + g]), before));
+        if (in_registers) yacc[m][t] = after;
+        else _mm512_storeu_ps(out, after);
+      }
     }
   }
+  if (in_registers) {
 #pragma GCC unroll 4
-  for (int m = 0; m < R; ++m) {
-    _mm512_storeu_ps(y + m * BLOCK, yacc[m][0]);
-    _mm512_storeu_ps(y + m * BLOCK + TILE, yacc[m][1]);
+    for (int m = 0; m < R; ++m) {
+      _mm512_storeu_ps(y + m * BLOCK, yacc[m][0]);
+      _mm512_storeu_ps(y + m * BLOCK + TILE, yacc[m][1]);
+    }
   }
 }
 #endif
 
-template <typename Fn>
+// fn(R) for rows = R in 1..MAX (a compile-time R)
+template <int MAX, typename Fn>
 void dispatch_rows(int64_t rows, Fn&& fn) {
-  switch (rows) {
-    case 1: fn(std::integral_constant<int, 1>()); break;
-    case 2: fn(std::integral_constant<int, 2>()); break;
-    case 3: fn(std::integral_constant<int, 3>()); break;
-    default: fn(std::integral_constant<int, MT>()); break;
+  if constexpr (MAX > 1) {
+    if (rows < MAX) return dispatch_rows<MAX - 1>(rows, fn);
   }
+  fn(std::integral_constant<int, MAX>());
 }
 
 template <typename Fn>
 void dispatch_format(int64_t bits, int64_t group, Fn&& fn) {
   if (bits == 4 && group == 32) fn(std::integral_constant<int, 4>(), std::integral_constant<int, 32>());
   else if (bits == 4 && group == 16) fn(std::integral_constant<int, 4>(), std::integral_constant<int, 16>());
-  else if (bits == 8 && group == 32) fn(std::integral_constant<int, 8>(), std::integral_constant<int, 32>());
-  else fn(std::integral_constant<int, 8>(), std::integral_constant<int, 16>());
+  else if (bits == 6 && group == 32) fn(std::integral_constant<int, 6>(), std::integral_constant<int, 32>());
+  else fn(std::integral_constant<int, 6>(), std::integral_constant<int, 16>());
 }
 
 enum class Isa { kScalar, kAvx2, kAvx512Bf16 };
@@ -273,7 +311,7 @@ struct Epilogue {
 
 at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& meta, int64_t n, int64_t bits,
                int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu, bool reference) {
-  TORCH_CHECK(bits == 4 || bits == 8, "qmm: expected bits 4 or 8, received ", bits);
+  TORCH_CHECK(bits == 4 || bits == 6, "qmm: expected bits 4 or 6, received ", bits);
   TORCH_CHECK(group == 16 || group == 32, "qmm: expected a group of 16 or 32, received ", group);
   TORCH_CHECK(x_in.dim() == 2, "qmm: expected x [M, K], received ", x_in.sizes());
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.is_contiguous(),
@@ -318,14 +356,14 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const float* sp = xsum.data();
   const int64_t gbytes = group_bytes(bits, group);
   const int64_t block_bytes = groups * 2 * gbytes, block_meta = groups * 64;
+  // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
+  // row is latency-bound)
+  const int64_t mt = bf16 ? MT_BF16 : MT, chunks = (M + mt - 1) / mt;
   auto work = [&](int64_t begin, int64_t end) {
-    alignas(64) float results[MT * BLOCK];
+    alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* cb = cp + b * block_bytes;
       const uint16_t* mb = mp + b * block_meta;
-      // rows of x in register blocks of at most MT, balanced (5 = 3 + 2, not 4 + 1: a block of one row
-      // is latency-bound)
-      const int64_t chunks = (M + MT - 1) / MT;
       for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
         const int64_t rows = (M - m0) / (chunks - c);
         const float* sb = sp + m0 * groups;
@@ -333,7 +371,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
 #ifdef QMM_AVX512BF16
           const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m0 * K;
           dispatch_format(bits, group, [&](auto B, auto G) {
-            dispatch_rows(rows, [&](auto R) {
+            dispatch_rows<MT_BF16>(rows, [&](auto R) {
               block_bf16<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xb, K, cb, mb, results, sb);
             });
           });
@@ -344,16 +382,15 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
         }
         const float* xt = x.data_ptr<float>() + m0 * K;
         for (int t = 0; t < 2; ++t) {
-          const uint8_t* ct = cb + t * gbytes;
           const uint16_t* mt = mb + t * 32;
           if (isa == Isa::kScalar) {
-            tile_scalar(xt, rows, K, ct, mt, bits, group, results + t * TILE);
+            tile_scalar(xt, rows, K, cb, t, mt, bits, group, results + t * TILE);
             continue;
           }
 #ifdef QMM_AVX2
           dispatch_format(bits, group, [&](auto B, auto G) {
-            dispatch_rows(rows, [&](auto R) {
-              block_avx2<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xt, K, ct, mt,
+            dispatch_rows<MT>(rows, [&](auto R) {
+              block_avx2<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xt, K, cb, t, mt,
                                                                                      results + t * TILE, sb);
             });
           });
