@@ -42,6 +42,45 @@ def test_every_path_equals_the_dequantized_matmul(bits, group, rows):
         assert torch.allclose(reference.double(), want, atol=1e-4 * float(want.abs().max()))
 
 
+def random_kquant(rows: int, inputs: int, bits: int, group: int, seed: int = 0):
+    """Random codes with K-quant scales (int8 multipliers of fp16 factors per 256 inputs) and the same scales as
+    one fp16 scale and low per group where those hold them exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, inputs), generator=gen, dtype=torch.uint8)
+    a = torch.randint(0, 64, (rows, inputs // group), generator=gen)
+    b = torch.randint(-40, 64, (rows, inputs // group), generator=gen)
+    d = (torch.randint(1, 32, (rows, inputs // 256), generator=gen) / 4096).half().float()  # d * a: 11 bits
+    dmin = -(torch.randint(1, 32, (rows, inputs // 256), generator=gen) / 2048).half().float()
+    per = 256 // group
+    scale, low = d.repeat_interleave(per, 1) * a, dmin.repeat_interleave(per, 1) * b
+    weight = (codes.view(rows, -1, group).float() * scale[..., None] + low[..., None]).view(rows, inputs)
+    return codes, scale, low, (a, b, d, dmin), weight
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (6, 16)])
+def test_k_quant_scales_are_kept_exactly_and_compute_as_the_fp16_ones(bits, group):
+    codes, scale, low, kquant, weight = random_kquant(48, 512, bits, group)
+    packed = qmm.pack(codes, scale, low, bits, group, kquant)
+    plain = qmm.pack(codes, scale, low, bits, group)  # these scales are exact in fp16 too
+    assert packed[1].dtype == torch.uint8 and packed[1].numel() < plain[1].numel() * 2  # fewer bytes
+    for m in (1, 5, 9):
+        x = torch.randn(m, 512)
+        want = x.double() @ weight.double().T
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            got = qmm.matmul(x.to(dtype), *packed, 48, bits, group)
+            assert torch.equal(got, qmm.matmul(x.to(dtype), *plain, 48, bits, group)), (dtype, m)
+        got = qmm.matmul(x, *packed, 48, bits, group).double()
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+    gate = PackedLinear.from_codes(codes[:32], scale[:32], low[:32], None, bits, group, tuple(t[:32] for t in kquant))
+    up = PackedLinear.from_codes(codes[16:], scale[16:], low[16:], None, bits, group, tuple(t[16:] for t in kquant))
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    assert torch.equal(SwiGLU(gate, up).part(x, 1), up(x)) and torch.equal(SwiGLU(gate, up).part(x, 0), gate(x))
+    fused = PackedLinear.concat([gate, up])
+    assert torch.equal(fused(x), torch.cat([gate(x), up(x)], dim=-1))
+    with pytest.raises(ValueError, match="int8's range"):
+        qmm.pack(codes, scale, low, bits, group, (kquant[0] * 4, *kquant[1:]))
+
+
 def test_the_kernels_isa_is_reported():
     assert qmm.isa(torch.float32) in ("avx2", "scalar")
     assert qmm.isa(torch.bfloat16) in ("avx512bf16", "avx2", "scalar")

@@ -9,10 +9,11 @@ Every group of these formats is affine in its integer code ``q``:
 - Q6_K (256-weight super-blocks of 16 groups of 16): ``w = d * sc_j * (q - 32)``, int8 ``sc_j``; 6-bit q.
 
 So ``w = scale * q + low`` per group, which the layout of ``quant.PackedLinear`` holds as it is: 4-bit codes
-at 4 bits, 5- and 6-bit codes at 6 bits, and a scale and an offset per group and output row. The codes
-are the checkpoint's own; only the per-group scale and offset are rounded (to fp16, the kernel's: a
-relative 2^-11, where the bf16 checkpoint the registry ships rounds every weight by up to 2^-9). Tensors in
-other formats (Q8_0, F16, F32) keep the float weights the model was loaded with.
+at 4 bits, 5- and 6-bit codes at 6 bits; the K-quants' scales in their own two levels (int8 multipliers
+per group of fp16 factors per super-block, ``qmm.pack``'s ``kquant``), the others' as an fp16 scale and
+offset per group. Codes and scales are the checkpoint's own, exactly (the bf16 checkpoint the registry
+ships rounds every weight by up to 2^-9). Tensors in other formats (Q8_0, F16, F32) keep the float
+weights the model was loaded with.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class QTensor:
     low: torch.Tensor  # [out, in / group] float32
     bits: int = 4  # the kernel's code width: 4, or 6 for 5- and 6-bit codes
     group: int = GROUP
+    # K-quants: scale = d * a, low = dmin * b as the file holds them (a, b [out, in / group] int; d, dmin
+    # [out, in / 256] fp16 values), kept in that form by the kernel (quant.PackedLinear.from_codes)
+    kquant: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def dequantize(self) -> torch.Tensor:
         out, inputs = self.codes.shape
@@ -57,7 +61,8 @@ class QTensor:
         return (grouped * self.scale[..., None] + self.low[..., None]).view(out, inputs)
 
     def rows(self, order: torch.Tensor) -> QTensor:
-        return QTensor(self.codes[order], self.scale[order], self.low[order], self.bits, self.group)
+        kquant = None if self.kquant is None else tuple(t[order] for t in self.kquant)
+        return QTensor(self.codes[order], self.scale[order], self.low[order], self.bits, self.group, kquant)
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
@@ -77,16 +82,17 @@ def _fifth_bits(raw: np.ndarray) -> torch.Tensor:
     return ((word >> torch.arange(32)) & 1).to(torch.uint8)
 
 
-def decode_blocks(kind: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_blocks(kind: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
     """``blocks`` [n, block bytes] uint8 of one GGUF type -> codes [n, weights], scale and low
-    [n, weights / group], in the order of the weights."""
+    [n, weights / group], in the order of the weights, and for K-quants their two levels ``(a, b, d, dmin)``
+    ([n, groups] and [n, 1]: scale = d * a, low = dmin * b)."""
     n = blocks.shape[0]
     if kind == Q4_0:
         d = _f16(blocks[:, 0:2])
-        return _nibbles(blocks[:, 2:]).reshape(n, GROUP), d[:, None], (-8.0 * d)[:, None]
+        return _nibbles(blocks[:, 2:]).reshape(n, GROUP), d[:, None], (-8.0 * d)[:, None], None
     if kind == Q4_1:
         d, m = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
-        return _nibbles(blocks[:, 4:]).reshape(n, GROUP), d[:, None], m[:, None]
+        return _nibbles(blocks[:, 4:]).reshape(n, GROUP), d[:, None], m[:, None], None
     if kind == Q4_K:
         d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
         packed = torch.from_numpy(np.ascontiguousarray(blocks[:, 4:16])).to(torch.int32)  # [n, 12]
@@ -98,13 +104,14 @@ def decode_blocks(kind: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Te
         mn = torch.cat([second & 63, (third >> 4) | ((second >> 6) << 4)], dim=1)
         # codes: 4 chunks of 32 bytes; a chunk's low nibbles are one group, its high nibbles the next
         codes = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, SUPER)
-        return codes, d[:, None] * sc.float(), -(dmin[:, None] * mn.float())
+        kquant = (sc, mn, d[:, None], -dmin[:, None])
+        return codes, d[:, None] * sc.float(), -(dmin[:, None] * mn.float()), kquant
     if kind in (Q5_0, Q5_1):
         d = _f16(blocks[:, 0:2])
         start = 2 if kind == Q5_0 else 4
         codes = _nibbles(blocks[:, start + 4:]).reshape(n, GROUP) | (_fifth_bits(blocks[:, start:start + 4]) << 4)
         low = -16.0 * d if kind == Q5_0 else _f16(blocks[:, 2:4])
-        return codes, d[:, None], low[:, None]
+        return codes, d[:, None], low[:, None], None
     if kind == Q6_K:
         # low 4 bits: 2 halves x (64 bytes: low nibbles weights 0-63, high nibbles 64-127 of the half);
         # high 2 bits: 2 halves x 32 bytes, bit pairs 0-1, 2-3, 4-5, 6-7 for weights +0, +32, +64, +96
@@ -113,8 +120,9 @@ def decode_blocks(kind: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Te
         qh = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
         codes = (ql | (qh << 4)).reshape(n, SUPER)
         sc = torch.from_numpy(np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32))
-        scale = _f16(blocks[:, 208:210])[:, None] * sc  # [n, 16]
-        return codes, scale, -32.0 * scale
+        d = _f16(blocks[:, 208:210])[:, None]
+        scale = d * sc  # [n, 16]
+        return codes, scale, -32.0 * scale, (sc, sc, d, -32.0 * d)
     raise ValueError(f"GGUF tensor type {kind}: expected one of Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K")
 
 
@@ -124,10 +132,13 @@ def read_blocks(kind: int, data: np.ndarray, shape: tuple[int, int]) -> QTensor:
     if inputs % BLOCK_WEIGHTS[kind]:
         raise ValueError(f"GGUF tensor of {inputs} inputs: expected a multiple of {BLOCK_WEIGHTS[kind]}")
     blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES[kind])
-    codes, scale, low = decode_blocks(kind, blocks)
+    codes, scale, low, kquant = decode_blocks(kind, blocks)
     bits, group = LAYOUT[kind]
+    if kquant is not None:
+        a, b, d, dmin = kquant
+        kquant = (a.reshape(out, -1), b.reshape(out, -1), d.reshape(out, -1), dmin.reshape(out, -1))
     return QTensor(codes.reshape(out, inputs).to(torch.uint8), scale.reshape(out, inputs // group),
-                   low.reshape(out, inputs // group), bits, group)
+                   low.reshape(out, inputs // group), bits, group, kquant)
 
 
 def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
@@ -191,7 +202,7 @@ def apply_gguf_blocks(model: nn.Module, path: str | Path, layers: list[int] | No
             raise ValueError(f"{path}: {name} is {tuple(weights.codes.shape)} in the GGUF file, "
                              f"expected the model's {tuple(getattr(linear, 'weight', torch.empty(0)).shape)}")
         setattr(parent, child, PackedLinear.from_codes(weights.codes, weights.scale, weights.low, linear.bias,
-                                                       weights.bits, weights.group))
+                                                       weights.bits, weights.group, weights.kquant))
         counts[f"int{weights.bits}"] += 1
     counts["float"] = sum(isinstance(m, nn.Linear) for m in model.modules())
     log.info("%s: %d linear layers at 4-bit codes, %d at 5/6-bit codes, %d kept in float (other GGUF types)",

@@ -94,11 +94,15 @@ def isa(dtype: torch.dtype) -> str:
     return torch.ops.via_sd.qmm_isa(torch.empty(0, dtype=dtype))
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
-         group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, group: int,
+         kquant: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``codes`` [N, K] (integers < 2**bits), ``scale`` and ``low`` [N, K / group] -> the kernel's
     layout: codes uint8 [blocks, groups, 2, 16 * group * bits / 8] and meta fp16 [blocks, groups, 2, 2, 16]
-    (rows padded to a multiple of 32 with zero weights). See csrc/qmm.cpp for the byte order."""
+    (rows padded to a multiple of 32 with zero weights). See csrc/qmm.cpp for the byte order.
+
+    ``kquant``: the scales as a GGUF K-quant holds them, ``(a, b, d, dmin)`` with ``a``, ``b`` [N, K / group]
+    integers in int8's range and ``d``, ``dmin`` [N, K / 256] fp16 values, ``scale = d * a``, ``low = dmin * b``:
+    kept as they are (meta uint8 [blocks, bytes]: 0.6 bits a weight for Q4_K instead of 1, exact)."""
     require()
     if (bits, group) not in FORMATS:
         raise ValueError(f"qmm: expected (bits, group) in {FORMATS}, received {(bits, group)}")
@@ -109,13 +113,9 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
     if int(codes.max()) >= 2**bits or int(codes.min()) < 0:
         raise ValueError(f"qmm: expected {bits}-bit codes below {2**bits}, received "
                          f"{int(codes.min())}..{int(codes.max())}")
-    meta = torch.stack([scale, low], dim=-1).to(torch.float16)  # [N, groups, 2]
-    if not torch.isfinite(meta).all():
-        raise ValueError("qmm: a group's scale or low does not fit in fp16")
     blocks, groups = -(-rows // BLOCK), inputs // group
     pad = blocks * BLOCK - rows
     codes = torch.cat([codes.to(torch.uint8), codes.new_zeros((pad, inputs), dtype=torch.uint8)])
-    meta = torch.cat([meta, meta.new_zeros((pad, groups, 2))])
     tiles = blocks * 2
     c = codes.view(tiles, TILE, groups, group)
     # per unit of 32 bytes: the pair u in the low nibbles, the pair u + group / 4 in the high ones
@@ -127,8 +127,51 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
         top = top[..., 0] | (top[..., 1] << 2) | (top[..., 2] << 4) | (top[..., 3] << 6)
         planes.append(top.reshape(tiles, groups, -1))
     c = torch.cat(planes, dim=-1).view(blocks, 2, groups, -1).transpose(1, 2)
-    m = meta.view(tiles, TILE, groups, 2).permute(0, 2, 3, 1).reshape(blocks, 2, groups, 2, TILE)
-    return interleave(c), m.transpose(1, 2).contiguous()
+    return interleave(c), _pack_meta(scale, low, kquant, blocks, group)
+
+
+def _by_tile(values: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[N, n, 2] per row -> [blocks, n, 2 tiles, 2, 16], rows padded with zeros."""
+    rows, n, _ = values.shape
+    values = torch.cat([values, values.new_zeros((blocks * BLOCK - rows, n, 2))])
+    return values.view(blocks, 2, TILE, n, 2).permute(0, 3, 1, 4, 2).contiguous()
+
+
+def _pack_meta(scale, low, kquant, blocks: int, group: int) -> torch.Tensor:
+    if kquant is None:
+        meta = torch.stack([scale, low], dim=-1).to(torch.float16)  # [N, groups, 2]
+        if not torch.isfinite(meta).all():
+            raise ValueError("qmm: a group's scale or low does not fit in fp16")
+        return _by_tile(meta, blocks)
+    a, b, d, dmin = kquant
+    rows, groups = a.shape
+    if groups * group % 256 or d.shape != (rows, groups * group // 256) or dmin.shape != d.shape or b.shape != a.shape:
+        raise ValueError(f"qmm: expected K-quant multipliers [N, K / {group}] and factors [N, K / 256] (K a multiple "
+                         f"of 256), received {tuple(a.shape)}, {tuple(b.shape)}, {tuple(d.shape)}, {tuple(dmin.shape)}")
+    multipliers = torch.stack([a, b], dim=-1)
+    if int(multipliers.min()) < -128 or int(multipliers.max()) > 127:
+        raise ValueError("qmm: expected K-quant multipliers in int8's range")
+    factors = torch.stack([d, dmin], dim=-1).to(torch.float16)
+    if not torch.isfinite(factors).all():
+        raise ValueError("qmm: a K-quant factor does not fit in fp16")
+    return _join_meta([_by_tile(multipliers.to(torch.int8), blocks), _by_tile(factors, blocks)])
+
+
+def _meta_parts(meta: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """A packed meta as [blocks, n, 2 tiles, 2, 16] tensors: itself (fp16), or a K-quant's int8 multipliers (n =
+    groups) and fp16 factors (n = super-blocks)."""
+    if meta.dtype == torch.float16:
+        return [meta]
+    blocks, split = meta.shape[0], groups * 64
+    return [meta[:, :split].contiguous().view(torch.int8).view(blocks, groups, 2, 2, TILE),
+            meta[:, split:].contiguous().view(torch.float16).view(blocks, -1, 2, 2, TILE)]
+
+
+def _join_meta(parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0].contiguous()
+    blocks = parts[0].shape[0]
+    return torch.cat([p.contiguous().view(blocks, -1).view(torch.uint8) for p in parts], dim=1)
 
 
 def interleave(codes: torch.Tensor) -> torch.Tensor:
@@ -173,12 +216,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return torch.ops.via_sd.rms_norm(x, weight, eps, residual)
 
 
-def tiles(codes: torch.Tensor, meta: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed weight's first ``rows`` / 16 tiles: codes [tiles, groups, bytes], meta [tiles, groups, 2, 16]."""
+def tiles(codes: torch.Tensor, meta: torch.Tensor, rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A packed weight's first ``rows`` / 16 tiles: codes [tiles, groups, bytes], meta parts [tiles, n, 2, 16]."""
     count = rows // TILE
     codes = deinterleave(codes).transpose(1, 2).reshape(-1, codes.shape[1], codes.shape[3])[:count]
-    meta = meta.transpose(1, 2).reshape(-1, meta.shape[1], 2, TILE)[:count]
-    return codes, meta
+    parts = [part.transpose(1, 2).reshape(-1, part.shape[1], 2, TILE)[:count]
+             for part in _meta_parts(meta, codes.shape[1])]
+    return codes, parts
 
 
 def swiglu_layout(gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
@@ -187,4 +231,4 @@ def swiglu_layout(gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tenso
     j of ``up``: what ``matmul(..., swiglu=True)`` takes."""
     (gate_codes, gate_meta), (up_codes, up_meta) = tiles(*gate, rows), tiles(*up, rows)
     return (interleave(torch.stack([gate_codes, up_codes], dim=2)),
-            torch.stack([gate_meta, up_meta], dim=2).contiguous())
+            _join_meta([torch.stack([g, u], dim=2) for g, u in zip(gate_meta, up_meta)]))

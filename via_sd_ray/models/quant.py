@@ -65,21 +65,22 @@ class PackedLinear(nn.Module):
     models/gguf_blocks.py)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
-                 bits: int = 4, group: int = 32):
+                 bits: int = 4, group: int = 32, kquant: tuple[torch.Tensor, ...] | None = None):
         super().__init__()
         assert codes.device.type == "cpu", "other devices quantize through torchao (quantize)"
         self.out_features, self.in_features = codes.shape
         self.bits, self.group = bits, group
-        packed, meta = qmm.pack(codes, scale, low, bits, group)
+        packed, meta = qmm.pack(codes, scale, low, bits, group, kquant)
         self.register_buffer("codes", packed)
         self.register_buffer("meta", meta)
         self.register_buffer("bias", None if bias is None else bias.detach().float())  # added by the kernel
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
-                   bits: int = 4, group: int = 32) -> PackedLinear:
-        """``codes`` [out, in] below 2**bits, ``scale`` and ``low`` [out, in / group]: ``w = scale * code + low``."""
-        return cls(codes, scale, low, bias, bits, group)
+                   bits: int = 4, group: int = 32, kquant: tuple[torch.Tensor, ...] | None = None) -> PackedLinear:
+        """``codes`` [out, in] below 2**bits, ``scale`` and ``low`` [out, in / group]: ``w = scale * code + low``
+        (``kquant``: the same scales as a GGUF K-quant's two levels, kept as they are: ``qmm.pack``)."""
+        return cls(codes, scale, low, bias, bits, group, kquant)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group: int = 32) -> PackedLinear:
@@ -106,8 +107,8 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
 
     def same_format(self, other: nn.Module) -> bool:
-        return (isinstance(other, PackedLinear) and (other.bits, other.group, other.in_features)
-                == (self.bits, self.group, self.in_features))
+        return (isinstance(other, PackedLinear) and (other.bits, other.group, other.in_features, other.meta.dtype)
+                == (self.bits, self.group, self.in_features, self.meta.dtype))
 
     @classmethod
     def concat(cls, parts: list[PackedLinear]) -> PackedLinear:

@@ -13,7 +13,10 @@
 //          The two tiles' bytes alternate by 8: byte j of tile t is at 16 * (j / 8) + 8 * t + j % 8.
 //          6 bits: the low 4 bits of each code as the 4-bit layout, then G/8 units of 64 bytes of their
 //          top 2 bits, tiles alternating the same way: pair p's at unit p % (G/8), bits 2 * (p / (G/8)).
-//   meta   fp16   [blocks, groups, 2 tiles, 2, 16]: the group's scale, then its low, of the tile's rows.
+//   meta   fp16   [blocks, groups, 2 tiles, 2, 16]: the group's scale, then its low, of the tile's rows;
+//          or, for GGUF K-quants (their own two-level scales, exactly), uint8 [blocks, bytes]: per group
+//          [2 tiles][a | b][16] int8, then per super-block of 256 inputs [2 tiles][d | dmin][16] fp16, with
+//          scale = d * a and low = dmin * b (exact in float32).
 // Interleaving a unit's 64 bytes with bytes 0x43 (vpunpcklbw / vpunpckhbw, within 16-byte lanes) makes
 // tile 0's and tile 1's 32 words: 16 rows x 2 inputs, what vdpbf16ps multiplies with a broadcast pair of
 // x, where a code q is the bf16 of 128 + q (0x4300 | q, exact for q < 128); the group's sum folds the 128
@@ -50,6 +53,29 @@ float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h)
 
 inline int64_t group_bytes(int64_t bits, int64_t group) { return TILE * group * bits / 8; }
 
+// A block's group scales and lows (see the layout above): fp16 per group (``per_super`` 0), or int8
+// multipliers per group of fp16 factors per super-block of ``per_super`` groups.
+struct Meta {
+  const uint8_t* base;
+  int64_t groups;
+  int64_t per_super;
+
+  const uint16_t* plain(int64_t g, int t) const { return reinterpret_cast<const uint16_t*>(base) + g * 64 + t * 32; }
+  const int8_t* multiplier(int64_t g, int t) const { return reinterpret_cast<const int8_t*>(base) + g * 64 + t * 32; }
+  const uint16_t* factor(int64_t g, int t) const {
+    return reinterpret_cast<const uint16_t*>(base + groups * 64) + (g / per_super) * 64 + t * 32;
+  }
+  // the scale and low of tile t's row r in group g
+  void at(int64_t g, int t, int r, float& scale, float& low) const {
+    if (per_super == 0) {
+      scale = half_to_float(plain(g, t)[r]), low = half_to_float(plain(g, t)[16 + r]);
+    } else {
+      scale = half_to_float(factor(g, t)[r]) * multiplier(g, t)[r];
+      low = half_to_float(factor(g, t)[16 + r]) * multiplier(g, t)[16 + r];
+    }
+  }
+};
+
 // Where byte j (0..31) of tile t sits in a 64-byte unit.
 inline int unit_byte(int t, int j) { return 16 * (j / 8) + 8 * t + j % 8; }
 
@@ -69,8 +95,8 @@ inline int code_at(const uint8_t* c, int64_t bits, int64_t group, int t, int r, 
 }
 
 // Portable reference: every ISA's result should equal it to float32 rounding.
-// ``codes``: the block's; ``meta``: tile t's of the first group (a block's groups are 2 tiles apart).
-void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes, int t, const uint16_t* meta,
+// ``codes``, ``meta``: the block's; the result is tile t's.
+void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes, int t, const Meta& meta,
                  int64_t bits, int64_t group, float* y) {
   int64_t groups = K / group, gbytes = group_bytes(bits, group);
   for (int64_t m = 0; m < m_rows; ++m) {
@@ -78,7 +104,8 @@ void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* c = codes + g * 2 * gbytes;
-        float scale = half_to_float(meta[g * 64 + r]), low = half_to_float(meta[g * 64 + 16 + r]);
+        float scale, low;
+        meta.at(g, t, r, scale, low);
         float dot = 0.f, sum = 0.f;
         for (int k = 0; k < group; ++k) {
           float xv = x[m * K + g * group + k];
@@ -93,6 +120,21 @@ void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes
 }
 
 #ifdef QMM_AVX2
+// Rows 8 * half .. 8 * half + 7 of tile t's scale and low in group g.
+inline void meta256(const Meta& meta, int64_t g, int t, int half, __m256& sc, __m256& lo) {
+  auto f16 = [](const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  if (meta.per_super == 0) {
+    sc = f16(meta.plain(g, t) + 8 * half), lo = f16(meta.plain(g, t) + 16 + 8 * half);
+    return;
+  }
+  auto i8 = [](const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  };
+  const int8_t* a = meta.multiplier(g, t);
+  const uint16_t* f = meta.factor(g, t);
+  sc = _mm256_mul_ps(f16(f + 8 * half), i8(a + 8 * half)), lo = _mm256_mul_ps(f16(f + 16 + 8 * half), i8(a + 16 + 8 * half));
+}
+
 // Tile t's 32 bytes of a 64-byte unit.
 inline __m256i tile_bytes(const uint8_t* unit, int t) {
   auto at = [&](int lane) { int64_t v; std::memcpy(&v, unit + 16 * lane + 8 * t, 8); return v; };
@@ -101,7 +143,7 @@ inline __m256i tile_bytes(const uint8_t* unit, int t) {
 
 // float32 x, AVX2 + FMA: 16 rows (tile t of the block ``codes``) as two vectors of 8, codes widened to float32.
 template <int BITS, int G, int R>
-void block_avx2(const float* x, int64_t K, const uint8_t* codes, int t, const uint16_t* meta, float* y,
+void block_avx2(const float* x, int64_t K, const uint8_t* codes, int t, const Meta& meta, float* y,
                 const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;
   const int64_t groups = K / G;
@@ -141,11 +183,9 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, int t, const ui
         acc[m][1] = _mm256_fmadd_ps(w1k1, xk1, acc[m][1]);
       }
     }
-    const uint16_t* mg = meta + g * 64;
-    __m256 sc0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg)));
-    __m256 sc1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + 8)));
-    __m256 lo0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + 16)));
-    __m256 lo1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + 24)));
+    __m256 sc0, sc1, lo0, lo1;
+    meta256(meta, g, t, 0, sc0, lo0);
+    meta256(meta, g, t, 1, sc1, lo1);
     for (int m = 0; m < R; ++m) {
       __m256 s = _mm256_broadcast_ss(xsum + m * groups + g);
       yacc[m][0] = _mm256_fmadd_ps(sc0, acc[m][0], _mm256_fmadd_ps(lo0, s, yacc[m][0]));
@@ -190,10 +230,25 @@ inline void unpack_unit(const uint8_t* c, int u, __m512i w[4]) {
   w[3] = _mm512_unpackhi_epi8(hi, bias);
 }
 
+// Tile t's scale and low in group g.
+inline void meta512(const Meta& meta, int64_t g, int t, __m512& sc, __m512& lo) {
+  auto f16 = [](const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
+  if (meta.per_super == 0) {
+    sc = f16(meta.plain(g, t)), lo = f16(meta.plain(g, t) + 16);
+    return;
+  }
+  auto i8 = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  const int8_t* a = meta.multiplier(g, t);
+  const uint16_t* f = meta.factor(g, t);
+  sc = _mm512_mul_ps(f16(f), i8(a)), lo = _mm512_mul_ps(f16(f + 16), i8(a + 16));
+}
+
 // R rows of x times one block, into y [R, 32]. Up to 4 rows the running sums stay in registers; above, in
 // y (the group's 2R accumulators take the registers): the same operations in the same order either way.
 template <int BITS, int G, int R>
-void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* meta, float* y, const float* xsum) {
+void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y, const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;  // one tile's codes of a group
   constexpr bool in_registers = R <= 4;
   const int64_t groups = K / G;
@@ -226,11 +281,10 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16
         acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)hi1, b);
       }
     }
-    const uint16_t* mg = meta + g * 64;  // [tile][scale | low][16]
 #pragma GCC unroll 2
     for (int t = 0; t < 2; ++t) {
-      __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32)));
-      __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + t * 32 + 16)));
+      __m512 sc, lo;
+      meta512(meta, g, t, sc, lo);
       __m512 shifted = _mm512_fnmadd_ps(sc, c128, lo);  // low - 128 * scale
 #pragma GCC unroll 8
       for (int m = 0; m < R; ++m) {
@@ -316,13 +370,22 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   TORCH_CHECK(x_in.dim() == 2, "qmm: expected x [M, K], received ", x_in.sizes());
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.is_contiguous(),
               "qmm: expected contiguous uint8 codes [blocks, groups, 2, bytes]");
-  TORCH_CHECK(meta.scalar_type() == at::kHalf && meta.dim() == 5 && meta.is_contiguous(),
-              "qmm: expected contiguous fp16 meta [blocks, groups, 2, 2, 16]");
+  const bool kquant = meta.scalar_type() == at::kByte;
   const int64_t M = x_in.size(0), K = x_in.size(1), blocks = codes.size(0), groups = codes.size(1);
   TORCH_CHECK(K == groups * group, "qmm: expected x with ", groups * group, " inputs, received ", K);
   TORCH_CHECK(codes.size(2) == 2 && codes.size(3) == group_bytes(bits, group), "qmm: expected ",
               group_bytes(bits, group), " bytes of codes per tile and group");
-  TORCH_CHECK(meta.size(0) == blocks && meta.size(1) == groups, "qmm: meta and codes disagree");
+  // K-quant meta: a super-block factor per 256 inputs
+  const int64_t supers = K / 256, meta_bytes = kquant ? groups * 64 + supers * 128 : groups * 128;
+  if (kquant) {
+    TORCH_CHECK(K % 256 == 0 && meta.dim() == 2 && meta.is_contiguous() && meta.size(0) == blocks &&
+                meta.size(1) == meta_bytes, "qmm: expected contiguous K-quant meta [", blocks, ", ", meta_bytes,
+                "] (inputs a multiple of 256)");
+  } else {
+    TORCH_CHECK(meta.scalar_type() == at::kHalf && meta.dim() == 5 && meta.is_contiguous(),
+                "qmm: expected contiguous fp16 meta [blocks, groups, 2, 2, 16] or uint8 K-quant meta");
+    TORCH_CHECK(meta.size(0) == blocks && meta.size(1) == groups, "qmm: meta and codes disagree");
+  }
   TORCH_CHECK(blocks * BLOCK >= n && (blocks - 1) * BLOCK < n, "qmm: ", blocks, " blocks cannot hold ", n, " rows");
   TORCH_CHECK(!swiglu || n == blocks * BLOCK, "qmm: SwiGLU needs whole blocks of 16 gate and 16 up rows");
   TORCH_CHECK(!(swiglu && bias.has_value()), "qmm: a bias with SwiGLU is not supported");
@@ -352,10 +415,10 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   // bf16 activations: bf16 out; the others float32 out (cast to their dtype after)
   at::Tensor y = at::empty({M, epilogue.columns}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.data_ptr<at::Half>());
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(meta.data_ptr());
   const float* sp = xsum.data();
   const int64_t gbytes = group_bytes(bits, group);
-  const int64_t block_bytes = groups * 2 * gbytes, block_meta = groups * 64;
+  const int64_t block_bytes = groups * 2 * gbytes;
   // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
   // row is latency-bound)
   const int64_t mt = bf16 ? MT_BF16 : MT, chunks = (M + mt - 1) / mt;
@@ -363,7 +426,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
     alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* cb = cp + b * block_bytes;
-      const uint16_t* mb = mp + b * block_meta;
+      const Meta mb{mp + b * meta_bytes, groups, kquant ? 256 / group : 0};
       for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
         const int64_t rows = (M - m0) / (chunks - c);
         const float* sb = sp + m0 * groups;
@@ -382,15 +445,14 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
         }
         const float* xt = x.data_ptr<float>() + m0 * K;
         for (int t = 0; t < 2; ++t) {
-          const uint16_t* mt = mb + t * 32;
           if (isa == Isa::kScalar) {
-            tile_scalar(xt, rows, K, cb, t, mt, bits, group, results + t * TILE);
+            tile_scalar(xt, rows, K, cb, t, mb, bits, group, results + t * TILE);
             continue;
           }
 #ifdef QMM_AVX2
           dispatch_format(bits, group, [&](auto B, auto G) {
             dispatch_rows<MT>(rows, [&](auto R) {
-              block_avx2<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xt, K, cb, t, mt,
+              block_avx2<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xt, K, cb, t, mb,
                                                                                      results + t * TILE, sb);
             });
           });
