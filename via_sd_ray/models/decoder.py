@@ -24,7 +24,7 @@ from torch import nn
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import qmm
 from via_sd_ray.models.kv_cache import KVCache, KVPool
-from via_sd_ray.models.layers import LayerPlan, Norm, RotaryTable, rotate
+from via_sd_ray.models.layers import LayerPlan, Norm, RotaryTable, cheapest, rotate
 from via_sd_ray.models.quant import fuse_projections
 from via_sd_ray.models.step import CompiledStep
 
@@ -69,6 +69,7 @@ class DecoderStack(nn.Module):
         self.rotary = RotaryTable(self.rotary_emb)
         self.final_norm = Norm(self.norm)
         self.plans: list[LayerPlan] | None = None
+        self.head = None  # the LM head as its cheapest callable (with the plans)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,6 +139,7 @@ class DecoderStack(nn.Module):
         packed = PackedRows(caches, starts, lengths, device, self.fused_cpu_ops)
         if self.plans is None:  # each layer's callables, looked up once (after any quantization or fusion)
             self.plans = [LayerPlan(layer, self.head_dim) for layer in self.layers]
+            self.head = cheapest(self.lm_head)
         residual = None  # each layer's last output, added into the residual stream by the next norm
         for plan in self.plans:
             hidden, residual = plan(hidden, residual, cos, sin, packed)
@@ -150,7 +152,7 @@ class DecoderStack(nn.Module):
         else:
             at = torch.tensor(wanted, device=device)
         rows = hidden[at] if residual is None else hidden[at] + residual[at]
-        logits = self.lm_head(self.final_norm(rows, self.fused_cpu_ops)).float()  # [sum(num_logits), V]
+        logits = self.head(self.final_norm(rows, self.fused_cpu_ops)).float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
 
 

@@ -29,7 +29,9 @@ def cheapest(module: nn.Module):
         return lambda x: F.linear(x, weight, bias)
     if isinstance(module, (PackedLinear, FusedLinear, SwiGLU)):
         return module.forward  # no hooks are registered on these
-    return module
+    # others (DeepSpeed's tensor-parallel layers slice their input as [B, T, H]) get the batch dimension
+    # transformers' layers give them
+    return lambda x: module(x[None])[0]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
