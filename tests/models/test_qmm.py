@@ -204,3 +204,24 @@ def test_greedy_sd_equals_ar_in_bf16_on_packed_models(build_tiny_engine):
             for policy in (RouterPolicy(mode="sd", block_size=block_size),
                            RouterPolicy(mode="via-sd", block_size=block_size, lossless=True)):
                 assert engine.generate(ids, SamplingParams(max_tokens=24), policy).token_ids == ar.token_ids
+
+
+def test_a_prompt_cut_anywhere_gives_the_same_cache_and_logits_in_bf16(build_tiny_engine):
+    """Every row of a packed CPU pass attends query by query, so how a prompt is cut (a reused prefix, prefill
+    chunks, rows batched beside others) changes no bit of its keys, values or logits: prefix reuse and
+    batching never change a greedy token."""
+    models = {role: {"source": f"tiny-random:{role}", "dtype": "bfloat16", "precision": "int4"}
+              for role in ("drafter", "verifier")}
+    stack = build_tiny_engine(models=models).full.stack
+    assert stack.fused_cpu_ops
+    prompt = [(11 * i) % 200 + 3 for i in range(90)]
+    whole = stack.new_pool(3, 256)
+    one = whole.cache(0)
+    want = stack.forward(prompt, one, 1)
+    for cut in (20, 57, 89):
+        cache = whole.cache(1)
+        stack.forward(prompt[:cut], cache, 0)
+        other = whole.cache(2)  # another generation's rows in the same pass
+        got, _ = stack.forward_batch([prompt[cut:], prompt[:40]], [cache, other], [1, 1])
+        assert torch.equal(got, want), cut
+        assert torch.equal(cache.data[..., : len(prompt), :], one.data[..., : len(prompt), :]), cut

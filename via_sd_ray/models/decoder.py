@@ -170,14 +170,15 @@ class PackedRows:
 
     ``attend`` rotates each row's new queries and keys, writes its keys and values into its own cache (the
     only copy a pass makes), and runs attention row by row over views of each row's cache, with a mask
-    only where a row has several queries (at most [T_row, start + T_row]). ``fused``: short rows rotate and
-    write in one C++ op and attend in another (``qmm.rope_write``, ``qmm.attend_short``)."""
+    only where a row has several queries (at most [T_row, start + T_row]). ``fused``: each row rotates and
+    writes in one C++ op and attends query by query in another (``qmm.rope_write``, ``qmm.attend_short``), so
+    a query's result never depends on how its rows were cut."""
 
     def __init__(self, caches: list[KVCache], starts: list[int], lengths: list[int], device, fused: bool = False):
         self.caches, self.starts, self.lengths, self.fused = caches, starts, lengths, fused
         self.offsets = [sum(lengths[:i]) for i in range(len(lengths))]
         # [T, S]: keys each query sees (long rows, for sdpa) or does not see (short rows, for masked_fill)
-        self.masks = [None if n == 1 else
+        self.masks = [None if n == 1 or fused else
                       torch.ones((n, s + n), dtype=torch.bool, device=device).tril(diagonal=s) ^ (n <= SHORT_ROW)
                       for s, n in zip(starts, lengths)]
 
@@ -192,7 +193,8 @@ class PackedRows:
         for cache, start, n, off, mask in zip(self.caches, self.starts, self.lengths, self.offsets, self.masks):
             rows = slice(off, off + n)
             keys, values = cache.heads(layer_idx)  # [Hkv, C, D] each: the row's cache
-            if self.fused and n <= SHORT_ROW:
+            if self.fused:  # every row, long ones too: each query computed alike however rows are cut (prefix reuse,
+                # chunked prefill, batching), so those never change a token
                 grouped = qmm.rope_write(q[rows], k[rows], v[rows], keys, values, start, cos[rows], sin[rows], scale)
                 outs.append(qmm.attend_short(grouped, keys, values, start, n))
                 continue
