@@ -63,6 +63,8 @@ class CompiledStep:
         if self.cuda:
             torch._dynamo.mark_static_address(pool.data)  # written in place by every replay of a CUDA graph
         self.kv_heads, self.slot_tokens = pool.num_kv_heads, pool.slot_tokens
+        # a plain bool (a comparison made inside the graph is a SymBool, which sdpa's enable_gqa refuses)
+        self.gqa = int(self.kv_heads) != int(self.heads)
         # dynamic=None: the pool's shapes stay static; B and T become dynamic at their first change (warm-up)
         # a code object of its own: dynamo keeps graphs (and their recompile limit of 8) per code object, and
         # three stacks of one process would otherwise share one cache of up to 12 graphs
@@ -148,7 +150,7 @@ class CompiledStep:
             kv.index_put_((layer_at, is_key, rows, heads, at), k.transpose(1, 2))
             kv.index_put_((layer_at, is_value, rows, heads, at), v)
             out = F.scaled_dot_product_attention(q, kv[index, 0][slots], kv[index, 1][slots], attn_mask=mask,
-                                                 scale=attn.scaling, enable_gqa=kv_heads != self.heads)
+                                                 scale=attn.scaling, enable_gqa=self.gqa)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return stack.lm_head(stack.norm(hidden)).float()
