@@ -68,11 +68,19 @@ def one(http: httpx.Client, i: int, rng: random.Random) -> str:
             return "429"
         if reply.status_code != 200:
             return f"{reply.status_code} {reply.read()[:300]!r}"
+        text = ""
         for line in reply.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            if "error" in json.loads(line[6:]):
+            event = json.loads(line[6:])
+            if "error" in event:
+                # refused for a KV slot before any text went out (the stream's headers precede a generation's
+                # first tier call): the in-stream form of a 429; after text it would be a lost generation
+                if not text and event["error"].get("code") == "rate_limit_exceeded":
+                    return "429"
                 return line
+            choice = (event.get("choices") or [{}])[0]
+            text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
             chunks += 1
             if cancel_after and chunks >= cancel_after:
                 return "cancelled"  # leaving the block closes the connection mid-stream
