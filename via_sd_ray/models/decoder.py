@@ -24,7 +24,7 @@ from torch import nn
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import qmm
 from via_sd_ray.models.kv_cache import KVCache, KVPool
-from via_sd_ray.models.layers import LayerPlan, Norm, RotaryTable, cheapest, rotate
+from via_sd_ray.models.layers import LayerPlan, Norm, RotaryTable, cheapest, out_width, rotate
 from via_sd_ray.models.quant import fuse_projections
 from via_sd_ray.models.step import CompiledStep
 
@@ -82,7 +82,7 @@ class DecoderStack(nn.Module):
     @property
     def vocab_size(self) -> int:
         # a tensor-parallel head (DeepSpeed's LmHeadLinearAllreduce) has no out_features: its weight is [V, H / tp]
-        return getattr(self.lm_head, "out_features", None) or self.lm_head.weight.shape[0]
+        return out_width(self.lm_head)
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.layer_ids, self.num_kv_heads, self.head_dim, self.dtype, self.device, capacity)

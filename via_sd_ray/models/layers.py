@@ -81,7 +81,7 @@ class RotaryTable:
         return self.cos[positions], self.sin[positions]
 
 
-def _rows(linear: nn.Module) -> int:
+def out_width(linear: nn.Module) -> int:
     """A projection's output width (DeepSpeed's tensor-parallel ``LinearLayer`` has no ``out_features``)."""
     return getattr(linear, "out_features", None) or linear.weight.shape[0]
 
@@ -96,7 +96,7 @@ class LayerPlan:
         fused = getattr(attn, "via_qkv", None)
         self.qkv = cheapest(fused) if fused is not None else None
         parts = getattr(attn, "via_qkv_parts", 0)
-        self.widths = [_rows(proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)[:parts]]
+        self.widths = [out_width(proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)[:parts]]
         self.q, self.k = cheapest(attn.q_proj), cheapest(attn.k_proj)
         self.v = None if parts == 3 else cheapest(attn.v_proj)
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # qwen3
