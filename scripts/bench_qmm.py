@@ -5,8 +5,9 @@
 Per shape (gate/up 1536 -> 8960, down 8960 -> 1536, the LM head 1536 -> 151936) and rows M (1: a decode step,
 5 and 13: verify blocks, 32: a batch): milliseconds per call (best of 5 rounds) of our grouped kernel
 (`via_sd::qmm`, 4-bit codes in groups of 32, or 6-bit Q6_K codes in groups of 16 for the down projection
-and the head), torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32) and a
-bf16 `F.linear` (oneDNN), bf16 activations. Random weights: timing only. Prints JSON.
+and the head; `qmm_int8` the same with activations rounded to int8, where AVX512-VNNI runs it), torch's own
+CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32) and a bf16 `F.linear` (oneDNN), bf16
+activations. Random weights: timing only. Prints JSON.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     qmm.require()
-    out = {"threads": args.threads, "isa": qmm.isa(torch.bfloat16), "ms": {}}
+    int8 = qmm.int8_available() is None
+    out = {"threads": args.threads, "isa": qmm.isa(torch.bfloat16), "int8": int8, "ms": {}}
     for name, (rows, inputs, bits, group) in SHAPES.items():
         codes = torch.randint(0, 16 if bits == 4 else 64, (rows, inputs), dtype=torch.uint8)
         scale, low = torch.rand(rows, inputs // group) * 0.01, -torch.rand(rows, inputs // group) * 0.05
@@ -54,6 +56,8 @@ def main() -> None:
             x = torch.randn(m, inputs, dtype=torch.bfloat16)
             timed = {
                 "qmm": best_ms(lambda: qmm.matmul(x, *packed, rows, bits, group), calls),
+                **({"qmm_int8": best_ms(lambda: qmm.matmul(x, *packed, rows, bits, group, int8=True), calls)}
+                   if int8 else {}),
                 "torch_int4": best_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, 32, scales_zeros),
                                       calls),
                 "bf16": best_ms(lambda: F.linear(x, weight), calls),

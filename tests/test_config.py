@@ -117,3 +117,24 @@ def test_precision_auto_follows_the_device_and_the_checkpoint(tmp_path):
     assert resolve_precision("int8", registry_model, "cpu") == "int8"
     with pytest.raises(ConfigError, match="precision: expected a GGUF checkpoint"):
         resolve_precision("gguf", tiny, "cpu")
+
+
+def test_int8_activations_resolve_per_tier_and_need_packed_layers_on_vnni(monkeypatch):
+    from via_sd_ray.models import qmm
+    from via_sd_ray.models.loading import resolve_activations
+
+    monkeypatch.setattr(qmm, "int8_available", lambda: None)
+    assert resolve_activations("auto", "int4", "cpu", drafter=True) is True  # a drafter's errors cost acceptance
+    assert resolve_activations("auto", "gguf", "cpu") is False  # a verifier keeps its dtype unless asked
+    assert resolve_activations("auto", "int4", "cuda:0", drafter=True) is False
+    assert resolve_activations("auto", "bf16", "cpu", drafter=True) is False
+    assert resolve_activations("int8", "gguf", "cpu") is True
+    assert resolve_activations("dtype", "int4", "cpu", drafter=True) is False
+    with pytest.raises(ConfigError, match="activations: 'int8' rounds the inputs of packed layers"):
+        resolve_activations("int8", "bf16", "cpu")
+    monkeypatch.setattr(qmm, "int8_available", lambda: "this CPU has no AVX512-VNNI")
+    assert resolve_activations("auto", "int4", "cpu", drafter=True) is False
+    with pytest.raises(ConfigError, match="activations: 'int8' needs the qmm kernel with AVX512-VNNI: this CPU"):
+        resolve_activations("int8", "int4", "cpu")
+    with pytest.raises(ConfigError, match="models.verifier.activations: expected 'auto', 'dtype' or 'int8'"):
+        parse_config({"models": {"verifier": {"activations": "int4"}}})

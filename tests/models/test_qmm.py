@@ -84,6 +84,45 @@ def test_k_quant_scales_are_kept_exactly_and_compute_as_the_fp16_ones(bits, grou
 def test_the_kernels_isa_is_reported():
     assert qmm.isa(torch.float32) in ("avx2", "scalar")
     assert qmm.isa(torch.bfloat16) in ("avx512bf16", "avx2", "scalar")
+    assert qmm.isa(torch.bfloat16, int8=True) in ("avx512vnni", "scalar")
+    assert (qmm.int8_available() is None) == (qmm.isa(torch.float32, int8=True) == "avx512vnni")
+
+
+@pytest.mark.parametrize("bits, group", qmm.FORMATS)
+@pytest.mark.parametrize("kquant", [False, True])
+def test_int8_activations_are_rounded_per_group_and_summed_exactly(bits, group, kquant):
+    """int8 activations: x rounded per group to q = rint(x * 127 / amax), the codes times q summed in integers.
+    The vector kernel equals the scalar reference bit for bit, and both equal the float64 product of the
+    rounded x and the weight to float32 rounding; the rounding moves each input by at most half a step."""
+    if kquant and group not in (16, 32):
+        pytest.skip("K-quants have groups of 16 or 32")
+    if kquant:
+        codes, scale, low, kq, weight = random_kquant(48, 512, bits, group)
+        packed = qmm.pack(codes, scale, low, bits, group, kq)
+    else:
+        packed, weight = random_packed(48, 512, bits, group)
+    for m in (1, 3, 5, 8, 13):
+        x = torch.randn(m, 512) * torch.rand(m, 1) * 4  # rows of different magnitudes
+        x[0, :group] = 0  # an all-zero group: scale 0, no division by zero
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            q, s, low_sum = qmm.quantize(xd, group)
+            assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+            assert all(torch.equal(a, b) for a, b in zip((q, s, low_sum), qmm.quantize(xd, group, reference=True)))
+            grouped = xd.float().view(m, -1, group)
+            amax = grouped.abs().amax(-1, keepdim=True)
+            want_q = torch.where(amax > 0, torch.round(grouped * (torch.full_like(amax, 127) / amax)), 0)
+            assert torch.equal(q.view(m, -1, group).float(), want_q) and torch.equal(s, (amax / 127).squeeze(-1))
+            got = qmm.matmul(xd, *packed, 48, bits, group, int8=True)
+            assert got.dtype == dtype
+            assert torch.equal(got, torch.ops.via_sd.qmm_reference(xd, *packed, 48, bits, group, None, False, True))
+            rounded = (q.view(m, -1, group).double() * s.double()[..., None]).view(m, 512)
+            exact = rounded @ weight.double().T
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+            assert float((got.double() - exact).abs().max()) <= tol * float(exact.abs().max()), (dtype, m)
+            unrounded = xd.double() @ weight.double().T  # each input moved by at most half its group's step
+            bound = (s.double().repeat_interleave(group, 1) / 2) @ weight.double().abs().T
+            assert bool(((exact - unrounded).abs() <= bound * (1 + 1e-9)).all()), (dtype, m)
 
 
 def test_bias_and_swiglu_epilogues_equal_their_unfused_forms():
@@ -178,25 +217,30 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(bits, group):
     """Each row of x is summed in one fixed order whatever M and the register blocks are: a verify block's
     position computes bit for bit what a one-token step computes (what makes greedy sd equal ar below)."""
     (codes, meta), _ = random_packed(80, 256, bits, group)
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype, int8 in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True), (torch.float32, True)):
         x = torch.randn(13, 256).to(dtype)
-        whole = qmm.matmul(x, codes, meta, 80, bits, group)
+        whole = qmm.matmul(x, codes, meta, 80, bits, group, int8=int8)
         for m in range(13):
-            assert torch.equal(whole[m : m + 1], qmm.matmul(x[m : m + 1], codes, meta, 80, bits, group))
-        assert torch.equal(whole[2:7], qmm.matmul(x[2:7], codes, meta, 80, bits, group))
+            assert torch.equal(whole[m : m + 1], qmm.matmul(x[m : m + 1], codes, meta, 80, bits, group, int8=int8))
+        assert torch.equal(whole[2:7], qmm.matmul(x[2:7], codes, meta, 80, bits, group, int8=int8))
 
 
-def test_greedy_sd_equals_ar_in_bf16_on_packed_models(build_tiny_engine):
+@pytest.mark.parametrize("activations", ["dtype", "int8"])
+def test_greedy_sd_equals_ar_in_bf16_on_packed_models(build_tiny_engine, activations):
     """bf16 rounds a K-token verify pass differently from K one-token steps wherever a kernel's order depends on
     M (README, bf16 drift); on packed models every op of a decode-shaped pass is row-wise, so greedy sd and
-    lossless via-sd keep the full model's tokens exactly in bf16 too."""
+    lossless via-sd keep the full model's tokens exactly in bf16 too, with int8 activations as well."""
     from via_sd_ray.core.policy import RouterPolicy
     from via_sd_ray.core.sampling import SamplingParams
 
-    models = {role: {"source": f"tiny-random:{role}", "dtype": "bfloat16", "precision": "int4"}
-              for role in ("drafter", "verifier")}
+    if activations == "int8" and qmm.int8_available() is not None:
+        pytest.skip(qmm.int8_available())
+    models = {role: {"source": f"tiny-random:{role}", "dtype": "bfloat16", "precision": "int4",
+                     "activations": activations} for role in ("drafter", "verifier")}
     engine = build_tiny_engine(models=models)
-    assert isinstance(engine.full.stack.layers[0].self_attn.o_proj, PackedLinear)
+    o_proj = engine.full.stack.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, PackedLinear) and o_proj.int8 == (activations == "int8")
+    assert engine.full.stack.layers[0].mlp.via_swiglu.int8 == (activations == "int8")
     for text in ("a", "hello world", "def add(a, b):\n    return a + b\n"):
         ids = engine.encode(text)
         ar = engine.generate(ids, SamplingParams(max_tokens=24), RouterPolicy(mode="ar"))

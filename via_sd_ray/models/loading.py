@@ -19,7 +19,7 @@ from via_sd_ray.models import kernels, qmm, registry, tiny
 from via_sd_ray.models.cpuinfo import cpu_field, cpu_flags  # noqa: F401 (cpu_field: the bench record's)
 from via_sd_ray.models.decoder import check_layers, keep_layers
 from via_sd_ray.models.gguf_blocks import FOUR_BIT, apply_gguf_blocks
-from via_sd_ray.models.quant import quantize
+from via_sd_ray.models.quant import quantize, round_activations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # CPU feature flags (/proc/cpuinfo) of instructions that compute in bf16 natively: x86 AVX512-BF16 and
@@ -148,15 +148,34 @@ def resolve_precision(precision: str, resolved: ResolvedSource, device: str, dra
     return precision
 
 
+def resolve_activations(activations: str, precision: str, device: str, drafter: bool = False) -> bool:
+    """Whether the packed layers take int8 inputs (``activations``: auto, dtype or int8) for a model at
+    ``precision`` (concrete) on ``device``: auto is int8 for a drafter where AVX512-VNNI runs it; int8 needs
+    packed layers on a CPU that has it."""
+    packed = torch.device(device).type == "cpu" and precision in ("int4", "gguf")
+    if activations == "auto":
+        return drafter and packed and qmm.int8_available() is None
+    if activations == "int8":
+        if not packed:
+            raise ConfigError(f"activations: 'int8' rounds the inputs of packed layers (precision int4 or gguf on a "
+                              f"CPU), received it with precision {precision!r} on {device!r}; use 'dtype'")
+        if qmm.int8_available() is not None:
+            raise ConfigError(f"activations: 'int8' needs the qmm kernel with AVX512-VNNI: {qmm.int8_available()}; "
+                              "use 'dtype'")
+        return True
+    return False
+
+
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
                attn_implementation: str = "sdpa", precision: str = "bf16", device: str = "cpu",
-               linear_kernel: str = "aten", dtype_device: str | None = None):
+               linear_kernel: str = "aten", dtype_device: str | None = None, int8_activations: bool = False):
     """A Hugging Face causal LM in eval mode on ``device``. With ``layers``, only those decoder
     layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process).
     ``precision`` (concrete: bf16, int8, int4 or gguf; ``resolve_precision``): the linear layers' weights.
     ``linear_kernel``: what computes the unquantized linear layers (``models.kernels``).
     ``dtype_device``: the device ``dtype: auto`` is chosen for, when the model is loaded elsewhere
-    first (DeepSpeed loads on the host and moves each shard to its GPU)."""
+    first (DeepSpeed loads on the host and moves each shard to its GPU). ``int8_activations``: the packed
+    layers round their inputs to int8 (``resolve_activations``)."""
     model = _load(resolved, torch_dtype(dtype, dtype_device or device), layers, attn_implementation).to(device)
     try:
         precision = resolve_precision(precision, resolved, device)  # a gguf precision needs a GGUF checkpoint
@@ -167,7 +186,10 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                                  "GGUF checkpoint's own blocks are served on CPUs only)")
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
-        return kernels.apply(quantize(model, scheme), linear_kernel)
+        model = kernels.apply(quantize(model, scheme), linear_kernel)
+        if int8_activations:
+            round_activations(model)
+        return model
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

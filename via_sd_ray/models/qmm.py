@@ -81,7 +81,7 @@ def _build() -> str | None:
     return None
 
 
-def _fake(x, codes, meta, n, bits, group, bias=None, swiglu=False):
+def _fake(x, codes, meta, n, bits, group, bias=None, swiglu=False, int8=False):
     return x.new_empty((x.shape[0], n // 2 if swiglu else n))
 
 
@@ -89,9 +89,18 @@ def _fake_rope(q, k, v, cache_k, cache_v, start, cos, sin, scale):
     return q.new_empty((k.shape[1], q.shape[1] // k.shape[1] * q.shape[0], q.shape[2]))
 
 
-def isa(dtype: torch.dtype) -> str:
-    """Which inner kernel serves activations of ``dtype`` here: avx512bf16, avx2 or scalar."""
-    return torch.ops.via_sd.qmm_isa(torch.empty(0, dtype=dtype))
+def isa(dtype: torch.dtype, int8: bool = False) -> str:
+    """Which inner kernel serves activations of ``dtype`` (rounded to int8 with ``int8``) here: avx512bf16,
+    avx512vnni, avx2 or scalar."""
+    return torch.ops.via_sd.qmm_isa(torch.empty(0, dtype=dtype), int8)
+
+
+def int8_available() -> str | None:
+    """None when int8 activations run on a vector kernel here (AVX512-VNNI), else why not."""
+    reason = available()
+    if reason is None and isa(torch.float32, int8=True) != "avx512vnni":
+        reason = "this CPU has no AVX512-VNNI (int8 activations would run on the scalar reference)"
+    return reason
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, group: int,
@@ -187,13 +196,20 @@ def deinterleave(codes: torch.Tensor) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, n: int, bits: int, group: int,
-           bias: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+           bias: torch.Tensor | None = None, swiglu: bool = False, int8: bool = False) -> torch.Tensor:
     """``x`` [..., K] times the packed weight [n, K] transposed, plus ``bias`` [n]: [..., n], in ``x``'s dtype.
     ``swiglu``: the weight's blocks hold 16 gate rows, then the 16 matching up rows (``swiglu_layout``); the
-    result is silu(gate) * up, [..., n / 2]."""
+    result is silu(gate) * up, [..., n / 2]. ``int8``: each row of ``x`` rounded to int8 per group first
+    (``quantize``), the products summed exactly in int32 (AVX512-VNNI)."""
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.ops.via_sd.qmm(flat, codes, meta, n, bits, group, bias, swiglu)
+    out = torch.ops.via_sd.qmm(flat, codes, meta, n, bits, group, bias, swiglu, int8)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def quantize(x: torch.Tensor, group: int, reference: bool = False) -> tuple[torch.Tensor, ...]:
+    """``x`` [M, K] rounded to int8 per group of inputs as ``matmul(..., int8=True)`` does: q int8 [M, K] =
+    rint(x * 127 / amax), the scale amax / 127 and scale * sum(q), each [M, K / group]."""
+    return torch.ops.via_sd.qmm_quantize(x, group, reference)
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

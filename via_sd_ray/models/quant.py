@@ -62,7 +62,9 @@ class PackedLinear(nn.Module):
     group and output row, packed for the grouped CPU kernel (``models/qmm.py``). Built from a float layer
     (``PackedLinear.from_float``: int4, each group's min and max span the codes 0..15) or from codes a
     checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks at 4 bits, its Q5 / Q6_K blocks at 6,
-    models/gguf_blocks.py)."""
+    models/gguf_blocks.py). ``int8``: its input rows rounded to int8 per group (``round_activations``)."""
+
+    int8 = False
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None,
                  bits: int = 4, group: int = 32, kquant: tuple[torch.Tensor, ...] | None = None):
@@ -101,7 +103,7 @@ class PackedLinear(nn.Module):
         return qmm.matmul(eye, self.codes, self.meta, self.out_features, self.bits, self.group).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qmm.matmul(x, self.codes, self.meta, self.out_features, self.bits, self.group, self.bias)
+        return qmm.matmul(x, self.codes, self.meta, self.out_features, self.bits, self.group, self.bias, int8=self.int8)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
@@ -118,6 +120,7 @@ class PackedLinear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.bits, fused.group, fused.in_features = parts[0].bits, parts[0].group, parts[0].in_features
+        fused.int8 = parts[0].int8
         fused.out_features = sum(p.out_features for p in parts)
         fused.register_buffer("codes", torch.cat([p.codes for p in parts]))
         fused.register_buffer("meta", torch.cat([p.meta for p in parts]))
@@ -143,17 +146,18 @@ class SwiGLU(nn.Module):
         assert gate.same_format(up) and gate.out_features == up.out_features and gate.out_features % qmm.TILE == 0
         assert gate.bias is None and up.bias is None
         self.bits, self.group, self.in_features = gate.bits, gate.group, gate.in_features
-        self.out_features = gate.out_features
+        self.out_features, self.int8 = gate.out_features, gate.int8
         codes, meta = qmm.swiglu_layout((gate.codes, gate.meta), (up.codes, up.meta), gate.out_features)
         self.register_buffer("codes", codes)
         self.register_buffer("meta", meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qmm.matmul(x, self.codes, self.meta, 2 * self.out_features, self.bits, self.group, swiglu=True)
+        return qmm.matmul(x, self.codes, self.meta, 2 * self.out_features, self.bits, self.group, swiglu=True,
+                          int8=self.int8)
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """The gate (0) or up (1) projection alone: for code that calls the model's own MLP."""
-        both = qmm.matmul(x, self.codes, self.meta, 2 * self.out_features, self.bits, self.group)
+        both = qmm.matmul(x, self.codes, self.meta, 2 * self.out_features, self.bits, self.group, int8=self.int8)
         return both.unflatten(-1, (-1, 2, qmm.TILE)).select(-2, index).flatten(-2)
 
 
@@ -200,6 +204,15 @@ class FusedSwiGLU(FusedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = nn.functional.linear(x, self.weight).chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
+
+
+def round_activations(model: nn.Module) -> int:
+    """Every packed layer of ``model`` (``PackedLinear``, before ``fuse_projections``, which keeps the choice)
+    takes its input rounded to int8 per group (``qmm.matmul(..., int8=True)``, AVX512-VNNI). Returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, (PackedLinear, SwiGLU))]
+    for layer in layers:
+        layer.int8 = True
+    return len(layers)
 
 
 def _plain(module: nn.Module) -> bool:

@@ -16,7 +16,14 @@ from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import ds_engine, step
 from via_sd_ray.models.decoder import DecoderStack
 from via_sd_ray.models.kv_cache import KVPool, bytes_per_token, free_device_bytes
-from via_sd_ray.models.loading import eos_token_ids, load_model, load_tokenizer, resolve, resolve_precision
+from via_sd_ray.models.loading import (
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    resolve,
+    resolve_activations,
+    resolve_precision,
+)
 from via_sd_ray.models.runner import TierRunner
 from via_sd_ray.models.sharded import ShardedStack, ShardGroup, ShardLauncher, ShardSpec
 
@@ -47,9 +54,10 @@ def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None =
     drafter = isinstance(cfg, DrafterConfig)
     precision = "bf16" if getattr(cfg, "engine", "hf") == "deepspeed" else resolve_precision(
         cfg.precision, source, target, drafter)
+    int8 = resolve_activations(cfg.activations, precision, target, drafter)
     return load_model(source, cfg.dtype, layers=layers, attn_implementation=cfg.attn_implementation,
                       precision=precision, device=device or target, linear_kernel=linear_kernel or cfg.linear_kernel,
-                      dtype_device=target)
+                      dtype_device=target, int8_activations=int8)
 
 
 def verifier_stacks(config: EngineConfig, stacks: dict[str, list[int] | None], load_layers: list[int] | None = None,

@@ -28,9 +28,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -38,8 +40,14 @@
 #include <immintrin.h>
 #define QMM_AVX2 1
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QMM_AVX512 1
+#endif
+#if defined(QMM_AVX512) && defined(__AVX512BF16__)
 #define QMM_AVX512BF16 1
+#endif
+#if defined(QMM_AVX512) && defined(__AVX512VNNI__)
+#define QMM_AVX512VNNI 1
 #endif
 
 namespace {
@@ -199,22 +207,15 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, int t, const Me
 }
 #endif
 
-#ifdef QMM_AVX512BF16
-// bf16 x, AVX512-BF16: 16 rows in one vector, each vdpbf16ps a pair of inputs. A block is two tiles (32
-// rows), so each broadcast pair of x feeds two vdpbf16ps (a broadcast costs a vector uop on some cores,
-// e.g. AMD Zen 4: one per vdpbf16ps halves its throughput). Every row of x is summed in the same order
-// whatever R and M are (one accumulator per row and tile, the same sequence of instructions), so a row's
-// result never depends on the rows beside it: a verify block computes each position exactly as a one-token
-// step would (greedy sd equals ar bit for bit where the rest of the pass is row-wise too).
-
-// The bf16 words of unit u of a group's codes ``c`` (both tiles): {low pair tile 0, tile 1, high pair tile 0,
-// tile 1}, each 16 rows x 2 inputs. The codes are made in bytes, 64 at a time (both tiles), then widened.
+#ifdef QMM_AVX512
+// A group's codes as bytes, unit u (both tiles, 64 at a time): ``lo`` the pair of inputs u, ``hi`` the pair
+// u + G/4, each 16 rows x 2 inputs per tile, tiles alternating by 8 bytes.
 template <int BITS, int G>
-inline void unpack_unit(const uint8_t* c, int u, __m512i w[4]) {
+inline void unit_codes(const uint8_t* c, int u, __m512i& lo, __m512i& hi) {
   constexpr int top_units = G / 8;
-  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(0x43);
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
   const __m512i v = _mm512_loadu_si512(c + u * 64);
-  __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
   if (BITS == 6) {
     // the top 2 bits of pair u sit at bits s = 2 * (u / top_units) of the top plane's byte, of pair u + G/4
     // at s + 4: moved to bits 4-5 and or-ed in (ternary logic A & B | C = 0xEA; 16-bit shifts leak bits
@@ -224,10 +225,6 @@ inline void unpack_unit(const uint8_t* c, int u, __m512i w[4]) {
     lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(t, 4 - s), top, lo, 0xEA);
     hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(t, s), top, hi, 0xEA);
   }
-  w[0] = _mm512_unpacklo_epi8(lo, bias);
-  w[1] = _mm512_unpackhi_epi8(lo, bias);
-  w[2] = _mm512_unpacklo_epi8(hi, bias);
-  w[3] = _mm512_unpackhi_epi8(hi, bias);
 }
 
 // Tile t's scale and low in group g.
@@ -243,6 +240,28 @@ inline void meta512(const Meta& meta, int64_t g, int t, __m512& sc, __m512& lo) 
   const int8_t* a = meta.multiplier(g, t);
   const uint16_t* f = meta.factor(g, t);
   sc = _mm512_mul_ps(f16(f), i8(a)), lo = _mm512_mul_ps(f16(f + 16), i8(a + 16));
+}
+#endif
+
+#ifdef QMM_AVX512BF16
+// bf16 x, AVX512-BF16: 16 rows in one vector, each vdpbf16ps a pair of inputs. A block is two tiles (32
+// rows), so each broadcast pair of x feeds two vdpbf16ps (a broadcast costs a vector uop on some cores,
+// e.g. AMD Zen 4: one per vdpbf16ps halves its throughput). Every row of x is summed in the same order
+// whatever R and M are (one accumulator per row and tile, the same sequence of instructions), so a row's
+// result never depends on the rows beside it: a verify block computes each position exactly as a one-token
+// step would (greedy sd equals ar bit for bit where the rest of the pass is row-wise too).
+
+// The bf16 words of unit u of a group's codes ``c`` (both tiles): {low pair tile 0, tile 1, high pair tile 0,
+// tile 1}, each 16 rows x 2 inputs. The codes are made in bytes, 64 at a time (both tiles), then widened.
+template <int BITS, int G>
+inline void unpack_unit(const uint8_t* c, int u, __m512i w[4]) {
+  const __m512i bias = _mm512_set1_epi8(0x43);
+  __m512i lo, hi;
+  unit_codes<BITS, G>(c, u, lo, hi);
+  w[0] = _mm512_unpacklo_epi8(lo, bias);
+  w[1] = _mm512_unpackhi_epi8(lo, bias);
+  w[2] = _mm512_unpacklo_epi8(hi, bias);
+  w[3] = _mm512_unpackhi_epi8(hi, bias);
 }
 
 // R rows of x times one block, into y [R, 32]. Up to 4 rows the running sums stay in registers; above, in
@@ -306,6 +325,154 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& 
 }
 #endif
 
+// int8 activations: each row of x is rounded to int8 per group of G inputs, q = rint(x * (127 / amax)) with
+// the scale s = amax / 127 (llama.cpp's Q8 activations, at the granularity of its Q8_0 rather than Q8_K's
+// 256), so a group's dot product of codes and q is exact in int32 (vpdpbusd: four u8 x s8 products a lane,
+// twice vdpbf16ps's rate, and the codes need no widening): y += (scale * s) * dot + low * (s * sum(q)).
+// A row's rounding and sums depend on that row alone, so rows stay independent as in the bf16 kernel.
+struct Int8Rows {
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> scale;  // [M, groups]: s
+  std::vector<float> low;    // [M, groups]: s * sum(q)
+};
+
+template <typename T>
+void quantize_group(const T* x, int64_t G, int8_t* q, float& scale, float& low, bool reference) {
+#ifdef QMM_AVX512
+  if (!reference && G % 16 == 0) {
+    auto load = [&](int64_t k) {
+      if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(x + k);
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    };
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t k = 0; k < G; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load(k)));
+    const float amax = _mm512_reduce_max_ps(top), inv = amax > 0.f ? 127.f / amax : 0.f;
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t k = 0; k < G; k += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load(k), _mm512_set1_ps(inv)));  // nearest even
+      total = _mm512_add_epi32(total, v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+    }
+    scale = amax / 127.f, low = scale * static_cast<float>(_mm512_reduce_add_epi32(total));
+    return;
+  }
+#endif
+  float amax = 0.f;
+  for (int64_t k = 0; k < G; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t total = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
+    total += v, q[k] = static_cast<int8_t>(v);
+  }
+  scale = amax / 127.f, low = scale * static_cast<float>(total);
+}
+
+Int8Rows quantize_rows(const at::Tensor& x, int64_t group, bool reference) {
+  const int64_t M = x.size(0), K = x.size(1), groups = K / group;
+  Int8Rows rows{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  auto each = [&](auto* xp) {
+    at::parallel_for(0, M * groups, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        quantize_group(xp + i * group, group, rows.q.data() + i * group, rows.scale[i], rows.low[i], reference);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) each(x.data_ptr<float>());
+  else each(x.data_ptr<at::BFloat16>());
+  return rows;
+}
+
+// The reference of the int8 kernel: tile t of R rows of quantized x, in the vector kernel's order of float
+// operations (its result should equal this bit for bit).
+void tile_scalar_int8(const int8_t* x, int64_t m_rows, int64_t K, const uint8_t* codes, int t, const Meta& meta,
+                      int64_t bits, int64_t group, const float* xscale, const float* xlow, float* y) {
+  const int64_t groups = K / group, gbytes = group_bytes(bits, group);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int r = 0; r < TILE; ++r) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* c = codes + g * 2 * gbytes;
+        float scale, low;
+        meta.at(g, t, r, scale, low);
+        int32_t dot = 0;
+        for (int k = 0; k < group; ++k) dot += code_at(c, bits, group, t, r, k) * x[m * K + g * group + k];
+        const int64_t i = m * groups + g;
+        total = std::fma(scale * xscale[i], static_cast<float>(dot), std::fma(low, xlow[i], total));
+      }
+      y[m * BLOCK + r] = total;
+    }
+  }
+}
+
+#ifdef QMM_AVX512VNNI
+// R rows of int8 x times one block, into y [R, 32] (as block_bf16). Two units of codes as bytes make each
+// tile's 16 rows x 4 inputs: interleaving their 16-bit words (within 16-byte lanes, where the tiles alternate
+// by 8 bytes) puts pair u and pair u + 1 of a row in one 32-bit lane, what vpdpbusd multiplies with a
+// broadcast quad of x.
+template <int BITS, int G, int R>
+void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y, const float* xscale,
+                const float* xlow) {
+  constexpr int64_t gbytes = TILE * G * BITS / 8;
+  constexpr bool in_registers = R <= 4;
+  const int64_t groups = K / G;
+  __m512 yacc[in_registers ? R : 1][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    if (in_registers) yacc[m][0] = yacc[m][1] = _mm512_setzero_ps();
+    else _mm512_storeu_ps(y + m * BLOCK, _mm512_setzero_ps()), _mm512_storeu_ps(y + m * BLOCK + TILE, _mm512_setzero_ps());
+  }
+  auto quad = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); };
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* c = codes + g * 2 * gbytes;
+    const int8_t* xg = x + g * G;
+    __m512i acc[R][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    constexpr int units = G / 4;
+#pragma GCC unroll 4
+    for (int u = 0; u < units; u += 2) {
+      __m512i lo0, hi0, lo1, hi1;
+      unit_codes<BITS, G>(c, u, lo0, hi0);
+      unit_codes<BITS, G>(c, u + 1, lo1, hi1);
+      const __m512i a0 = _mm512_unpacklo_epi16(lo0, lo1), a1 = _mm512_unpackhi_epi16(lo0, lo1);
+      const __m512i b0 = _mm512_unpacklo_epi16(hi0, hi1), b1 = _mm512_unpackhi_epi16(hi0, hi1);
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        const __m512i p = quad(xg + m * K + 2 * u), q = quad(xg + m * K + 2 * (u + units));
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a0, p);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], a1, p);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b0, q);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b1, q);
+      }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; ++t) {
+      __m512 sc, lo;
+      meta512(meta, g, t, sc, lo);
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        float* out = y + m * BLOCK + t * TILE;
+        const int64_t i = m * groups + g;
+        const __m512 before = in_registers ? yacc[m][t] : _mm512_loadu_ps(out);
+        const __m512 after = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(xscale[i])),
+                                             _mm512_cvtepi32_ps(acc[m][t]),
+                                             _mm512_fmadd_ps(lo, _mm512_set1_ps(xlow[i]), before));
+        if (in_registers) yacc[m][t] = after;
+        else _mm512_storeu_ps(out, after);
+      }
+    }
+  }
+  if (in_registers) {
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      _mm512_storeu_ps(y + m * BLOCK, yacc[m][0]);
+      _mm512_storeu_ps(y + m * BLOCK + TILE, yacc[m][1]);
+    }
+  }
+}
+#endif
+
 // fn(R) for rows = R in 1..MAX (a compile-time R)
 template <int MAX, typename Fn>
 void dispatch_rows(int64_t rows, Fn&& fn) {
@@ -323,11 +490,18 @@ void dispatch_format(int64_t bits, int64_t group, Fn&& fn) {
   else fn(std::integral_constant<int, 6>(), std::integral_constant<int, 16>());
 }
 
-enum class Isa { kScalar, kAvx2, kAvx512Bf16 };
+enum class Isa { kScalar, kAvx2, kAvx512Bf16, kAvx512Vnni };
 
-// The inner kernel that serves x of this dtype on this build.
-Isa isa_for(at::ScalarType dtype, bool reference) {
+// The inner kernel that serves x of this dtype (rounded to int8 with ``int8``) on this build.
+Isa isa_for(at::ScalarType dtype, bool int8, bool reference) {
   if (reference) return Isa::kScalar;
+  if (int8) {
+#ifdef QMM_AVX512VNNI
+    return Isa::kAvx512Vnni;
+#else
+    return Isa::kScalar;
+#endif
+  }
 #ifdef QMM_AVX512BF16
   if (dtype == at::kBFloat16) return Isa::kAvx512Bf16;
 #endif
@@ -364,7 +538,7 @@ struct Epilogue {
 };
 
 at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& meta, int64_t n, int64_t bits,
-               int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu, bool reference) {
+               int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu, bool int8, bool reference) {
   TORCH_CHECK(bits == 4 || bits == 6, "qmm: expected bits 4 or 6, received ", bits);
   TORCH_CHECK(group == 16 || group == 32, "qmm: expected a group of 16 or 32, received ", group);
   TORCH_CHECK(x_in.dim() == 2, "qmm: expected x [M, K], received ", x_in.sizes());
@@ -396,12 +570,13 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   }
   const Epilogue epilogue{bias.has_value() ? bias_f.data_ptr<float>() : nullptr, swiglu, swiglu ? n / 2 : n};
   const auto out_dtype = x_in.scalar_type();
-  const Isa isa = isa_for(out_dtype, reference);
+  const Isa isa = isa_for(out_dtype, int8, reference);
   const bool bf16 = isa == Isa::kAvx512Bf16;
-  at::Tensor x = bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  // each row's sum over each group of inputs [M, groups], in float32
-  std::vector<float> xsum(M * groups);
-  for (int64_t i = 0; i < M * groups; ++i) {
+  at::Tensor x = bf16 || (int8 && out_dtype == at::kBFloat16) ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  // int8: x rounded per group; else each row's sum over each group of inputs [M, groups], in float32
+  const Int8Rows xq = int8 ? quantize_rows(x, group, reference) : Int8Rows{};
+  std::vector<float> xsum(int8 ? 0 : M * groups);
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
     float total = 0.f;
     if (bf16) {
       const at::BFloat16* xb = x.data_ptr<at::BFloat16>() + i * group;
@@ -412,8 +587,9 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
     }
     xsum[i] = total;
   }
-  // bf16 activations: bf16 out; the others float32 out (cast to their dtype after)
-  at::Tensor y = at::empty({M, epilogue.columns}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  // the vector kernels' bf16 activations: bf16 out; the others float32 out (cast to their dtype after)
+  const bool out_bf16 = out_dtype == at::kBFloat16 && (bf16 || isa == Isa::kAvx512Vnni);
+  at::Tensor y = at::empty({M, epilogue.columns}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(meta.data_ptr());
   const float* sp = xsum.data();
@@ -421,7 +597,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const int64_t block_bytes = groups * 2 * gbytes;
   // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
   // row is latency-bound)
-  const int64_t mt = bf16 ? MT_BF16 : MT, chunks = (M + mt - 1) / mt;
+  const int64_t mt = bf16 || int8 ? MT_BF16 : MT, chunks = (M + mt - 1) / mt;
   auto work = [&](int64_t begin, int64_t end) {
     alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
@@ -430,6 +606,25 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
       for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
         const int64_t rows = (M - m0) / (chunks - c);
         const float* sb = sp + m0 * groups;
+        if (int8) {
+          const int8_t* xb = xq.q.data() + m0 * K;
+          const float *xs = xq.scale.data() + m0 * groups, *xl = xq.low.data() + m0 * groups;
+          if (isa == Isa::kScalar) {
+            for (int t = 0; t < 2; ++t) tile_scalar_int8(xb, rows, K, cb, t, mb, bits, group, xs, xl, results + t * TILE);
+          } else {
+#ifdef QMM_AVX512VNNI
+            dispatch_format(bits, group, [&](auto B, auto G) {
+              dispatch_rows<MT_BF16>(rows, [&](auto R) {
+                block_int8<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xb, K, cb, mb, results, xs, xl);
+              });
+            });
+#endif
+          }
+          if (out_bf16) epilogue.store(results, rows, b, y.data_ptr<at::BFloat16>() + m0 * epilogue.columns);
+          else epilogue.store(results, rows, b, y.data_ptr<float>() + m0 * epilogue.columns);
+          m0 += rows;
+          continue;
+        }
         if (bf16) {
 #ifdef QMM_AVX512BF16
           const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m0 * K;
@@ -469,14 +664,30 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
 }
 
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta, int64_t n, int64_t bits,
-               int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu) {
-  return run(x, codes, meta, n, bits, group, bias, swiglu, false);
+               int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu, bool int8) {
+  return run(x, codes, meta, n, bits, group, bias, swiglu, int8, false);
 }
 
 // The scalar reference over the same packed weights (tests compare the vector kernels with it).
 at::Tensor qmm_reference(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& meta, int64_t n,
-                         int64_t bits, int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu) {
-  return run(x, codes, meta, n, bits, group, bias, swiglu, true);
+                         int64_t bits, int64_t group, const c10::optional<at::Tensor>& bias, bool swiglu,
+                         bool int8) {
+  return run(x, codes, meta, n, bits, group, bias, swiglu, int8, true);
+}
+
+// x [M, K] (float32 or bf16) rounded to int8 per group as the int8 kernel does: (q int8 [M, K], s [M, K / group],
+// s * sum(q) [M, K / group]); for tests.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qmm_quantize(const at::Tensor& x_in, int64_t group, bool reference) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % group == 0, "qmm_quantize: expected x [M, K], K a multiple of ", group);
+  const at::Tensor x = x_in.scalar_type() == at::kBFloat16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  Int8Rows rows = quantize_rows(x, group, reference);
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, K / group}, x.options().dtype(at::kFloat)), low = at::empty_like(scale);
+  std::memcpy(q.data_ptr(), rows.q.data(), M * K);
+  std::memcpy(scale.data_ptr(), rows.scale.data(), scale.numel() * 4);
+  std::memcpy(low.data_ptr(), rows.low.data(), low.numel() * 4);
+  return {q, scale, low};
 }
 
 // The rotary embedding and cache write of one sequence's new tokens, in one op (in eager PyTorch the
@@ -702,9 +913,10 @@ at::Tensor attend_short(const at::Tensor& grouped, const at::Tensor& cache_k, co
   return out;
 }
 
-std::string qmm_isa(const at::Tensor& x) {
-  switch (isa_for(x.scalar_type(), false)) {
+std::string qmm_isa(const at::Tensor& x, bool int8) {
+  switch (isa_for(x.scalar_type(), int8, false)) {
     case Isa::kAvx512Bf16: return "avx512bf16";
+    case Isa::kAvx512Vnni: return "avx512vnni";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
@@ -714,10 +926,11 @@ std::string qmm_isa(const at::Tensor& x) {
 
 TORCH_LIBRARY(via_sd, m) {
   m.def("qmm(Tensor x, Tensor codes, Tensor meta, int n, int bits, int group, Tensor? bias=None, "
-        "bool swiglu=False) -> Tensor");
+        "bool swiglu=False, bool int8=False) -> Tensor");
   m.def("qmm_reference(Tensor x, Tensor codes, Tensor meta, int n, int bits, int group, Tensor? bias=None, "
-        "bool swiglu=False) -> Tensor");
-  m.def("qmm_isa(Tensor x) -> str");
+        "bool swiglu=False, bool int8=False) -> Tensor");
+  m.def("qmm_quantize(Tensor x, int group, bool reference=False) -> (Tensor, Tensor, Tensor)");
+  m.def("qmm_isa(Tensor x, bool int8=False) -> str");
   m.def("attend_short(Tensor grouped, Tensor cache_k, Tensor cache_v, int start, int T) -> Tensor");
   m.def("rms_norm(Tensor(a!) x, Tensor weight, float eps, Tensor? residual=None) -> Tensor");
   m.def("rope_write(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, int start, Tensor cos, "
@@ -728,6 +941,7 @@ TORCH_LIBRARY_IMPL(via_sd, CPU, m) {
   m.impl("qmm", &qmm);
   m.impl("qmm_reference", &qmm_reference);
   m.impl("qmm_isa", &qmm_isa);
+  m.impl("qmm_quantize", &qmm_quantize);
   m.impl("rope_write", &rope_write);
   m.impl("rms_norm", &rms_norm);
   m.impl("attend_short", &attend_short);
