@@ -56,6 +56,10 @@ constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
 constexpr int BLOCK = 32;  // output rows per block: two tiles
 constexpr int MT = 4;      // rows of x per register block (AVX2: 16 vector registers)
 constexpr int MT_BF16 = 8; // rows of x per register block (AVX512: 32 vector registers)
+// groups ahead whose codes a block kernel prefetches: a multi-row pass computes long enough per group for
+// the hardware's own prefetching to fall behind (measured on the 1.5B, Zen 4: verify passes of 5 and 11
+// tokens ~13 % faster, 4 batched rows ~18 % with int8 activations; a one-token step unchanged)
+constexpr int PREFETCH = 8;
 
 float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
@@ -282,6 +286,9 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& 
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* c = codes + g * 2 * gbytes;
     const uint16_t* xg = x + g * G;
+#pragma GCC unroll 16
+    for (int64_t line = 0; line < 2 * gbytes; line += 64)  // (past the block's end: harmless, never faults)
+      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
     __m512 acc[R][2];
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -426,6 +433,9 @@ void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& me
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* c = codes + g * 2 * gbytes;
     const int8_t* xg = x + g * G;
+#pragma GCC unroll 16
+    for (int64_t line = 0; line < 2 * gbytes; line += 64)  // (past the block's end: harmless, never faults)
+      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
     __m512i acc[R][2];
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
