@@ -35,7 +35,7 @@ def fresh_runners(engine, config: EngineConfig | None = None) -> dict[str, TierR
 @dataclass
 class LocalTierClient:
     server: TierServer
-    failures: list[BaseException] = field(default_factory=list)  # raised by the next calls, in order
+    failures: list[BaseException | None] = field(default_factory=list)  # raised by the next calls, in order
     always: BaseException | None = None  # raised by every call
     gate: asyncio.Event | None = None  # calls wait for it
     hang_first_s: float = 0.0  # the first call sleeps this long before answering (a stuck replica)
@@ -58,8 +58,8 @@ class LocalTierClient:
             await self.gate.wait()
         if self.always is not None:
             raise self.always
-        if self.failures:
-            raise self.failures.pop(0)
+        if self.failures and (failure := self.failures.pop(0)) is not None:  # None: this call succeeds
+            raise failure
         if self.hang_first_s and self.calls == 1:
             await asyncio.sleep(self.hang_first_s)
         reply = await method(pickle.loads(pickle.dumps(call)))

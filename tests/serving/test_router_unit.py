@@ -12,7 +12,7 @@ from tests.serving.conftest import SERVING_ARGS
 from tests.serving.fakes import TIERS, local_tiers, shutdown
 from via_sd_ray.config import parse_config
 from via_sd_ray.core.sampling import SamplingParams
-from via_sd_ray.errors import InvalidRequest, TierUnavailable
+from via_sd_ray.errors import InvalidRequest, Overloaded, TierUnavailable
 from via_sd_ray.serving.router import GenerateRequest, GenerationRouter
 
 PROMPTS = ["def fibonacci(n):", "Write a haiku about caches.", "import numpy as np\n"]
@@ -331,6 +331,31 @@ def test_tier_that_always_fails_ends_with_tier_unavailable(make, retries):
     assert err.message.startswith(f"drafter tier failed {retries + 1} times") and "replica died" in err.message
     assert err.http_status == 503
     assert_released(clients, request.request_id)
+
+
+@pytest.mark.parametrize("mode, temperature", [("sd", 0.0), ("via-sd", 0.0), ("sd", 1.0)])
+def test_a_full_drafter_leaves_the_generation_to_the_verifier(local_engine, make, mode, temperature):
+    """The drafter refusing a KV slot (all held by running generations) never fails a generation, before or
+    after its first token: it goes on without drafts, which is the full model's own decoding (greedy: ar's
+    tokens; sampled: its distribution, here the same seeded draws as ar's)."""
+    router, clients = make()
+    prompt_ids = local_engine.encode(PROMPTS[1])
+    want = reference(local_engine, prompt_ids, 16, "ar", temperature=temperature, seed=7).token_ids
+    for refused_at in (0, 2):  # the generation's first draft call, or a later one
+        clients["drafter"].calls = 0
+        clients["drafter"].failures[:] = [None] * refused_at + [Overloaded("drafter tier: all 8 KV slots are held")]
+        request = GenerateRequest(prompt=PROMPTS[1], max_tokens=16, mode=mode, temperature=temperature, seed=7)
+        events = run(collect(router, request))
+        tokens = [t for e in events for t in e["token_ids"]]
+        assert events[-1]["finish_reason"] is not None and len(tokens) == len(want)
+        if refused_at == 0:
+            assert tokens == want and clients["drafter"].calls == 1  # never asked again
+        elif (mode, temperature) == ("sd", 0.0):
+            assert tokens == want  # lossless greedy: the drafted blocks before the refusal kept ar's tokens too
+    assert router.stats()["generations_without_drafts"] == 2 and router.undrafted == set()
+    with pytest.raises(Overloaded):  # a verifier's refusal is still the request's 429
+        clients["full"].failures[:] = [Overloaded("full tier: all 8 KV slots are held")]
+        run(collect(router, GenerateRequest(prompt=PROMPTS[1], max_tokens=4, mode="ar")))
 
 
 @pytest.mark.parametrize("error", [ValueError("block: bad"), InvalidRequest("block: expected ..., received ...")])

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from via_sd_ray.config import EngineConfig, parse_config
-from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall
+from via_sd_ray.core.engine import Commit, Draft, DraftCall, Generation, VerifyCall
 from via_sd_ray.core.policy import Mode, load_block_cap
 from via_sd_ray.core.sampling import MAX_LOGPROBS, SamplingParams
-from via_sd_ray.errors import ConfigError, InvalidRequest, TierUnavailable, ViaSDError, check_range
+from via_sd_ray.errors import ConfigError, InvalidRequest, Overloaded, TierUnavailable, ViaSDError, check_range
 from via_sd_ray.models.detok import IncrementalText
 from via_sd_ray.models.tiers import DEFAULT_SLOT_TOKENS
 
@@ -125,6 +125,10 @@ class GenerationRouter:
                              else "the KV slot, serving.kv_slot_tokens")
         self.metrics = metrics if metrics is not None else _default_metrics()
         self.active: set[str] = set()
+        # generations the drafter tier refused a KV slot: they go on without drafts (the verifier's own
+        # decoding, the same tokens greedy and the same distribution sampled), never failed for it
+        self.undrafted: set[str] = set()
+        self.drafts_refused = 0
 
     # -- request -> generation -------------------------------------------------------------
 
@@ -226,6 +230,7 @@ class GenerationRouter:
                                     time.perf_counter() - start)
         finally:
             self.active.discard(generation.generation_id)
+            self.undrafted.discard(generation.generation_id)
             self._release(generation.generation_id)
 
     def route_key(self, generation_id: str, prompt_ids: list[int]) -> str:
@@ -272,6 +277,8 @@ class GenerationRouter:
 
     async def _call(self, call: DraftCall | VerifyCall):
         tier = "drafter" if isinstance(call, DraftCall) else call.tier.value
+        if tier == "drafter" and call.generation_id in self.undrafted:
+            return Draft([], [])  # an empty block: the full verifier decodes one token
         client = self.tiers[tier]
         retries, timeout = self.config.serving.tier_retries, self.config.serving.tier_timeout_s
         for attempt in range(retries + 1):
@@ -279,6 +286,14 @@ class GenerationRouter:
             try:
                 method = client.draft if tier == "drafter" else client.verify
                 result = await asyncio.wait_for(method(call), timeout)
+            except Overloaded:
+                if tier != "drafter":
+                    raise
+                # the drafter is full: this generation goes on with the verifier alone rather than failing
+                # (vLLM likewise stops drafting under load); the verifier's own admission still refuses work
+                self.undrafted.add(call.generation_id)
+                self.drafts_refused += 1
+                return Draft([], [])
             except (ViaSDError, ValueError):
                 raise  # the request itself is wrong: retrying cannot help
             except asyncio.CancelledError:
@@ -337,7 +352,8 @@ class GenerationRouter:
     def stats(self) -> dict[str, Any]:
         from via_sd_ray.serving.tiers import _node_id
 
-        return {"active_generations": len(self.active), "pid": os.getpid(), "node_id": _node_id()}
+        return {"active_generations": len(self.active), "generations_without_drafts": self.drafts_refused,
+                "pid": os.getpid(), "node_id": _node_id()}
 
 
 async def _quietly(awaitable) -> None:
