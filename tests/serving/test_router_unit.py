@@ -334,10 +334,11 @@ def test_tier_that_always_fails_ends_with_tier_unavailable(make, retries):
 
 
 @pytest.mark.parametrize("mode, temperature", [("sd", 0.0), ("via-sd", 0.0), ("sd", 1.0)])
-def test_a_full_drafter_leaves_the_generation_to_the_verifier(local_engine, make, mode, temperature):
+def test_a_full_drafter_or_slim_tier_leaves_the_generation_to_the_verifier(local_engine, make, mode, temperature):
     """The drafter refusing a KV slot (all held by running generations) never fails a generation, before or
     after its first token: it goes on without drafts, which is the full model's own decoding (greedy: ar's
-    tokens; sampled: its distribution, here the same seeded draws as ar's)."""
+    tokens; sampled: its distribution, here the same seeded draws as ar's). Nor does the slim tier's refusal:
+    its blocks go to the full verifier."""
     router, clients = make()
     prompt_ids = local_engine.encode(PROMPTS[1])
     want = reference(local_engine, prompt_ids, 16, "ar", temperature=temperature, seed=7).token_ids
@@ -353,6 +354,15 @@ def test_a_full_drafter_leaves_the_generation_to_the_verifier(local_engine, make
         elif (mode, temperature) == ("sd", 0.0):
             assert tokens == want  # lossless greedy: the drafted blocks before the refusal kept ar's tokens too
     assert router.stats()["generations_without_drafts"] == 2 and router.undrafted == set()
+    if mode == "via-sd":  # the slim tier refusing: its blocks go to the full verifier
+        want = reference(local_engine, prompt_ids, 16, "via-sd", temperature=temperature, seed=7).token_ids
+        clients["slim"].failures[:] = [Overloaded("slim tier: all 8 KV slots are held")]
+        slim_calls, full_calls = clients["slim"].calls, clients["full"].calls
+        request = GenerateRequest(prompt=PROMPTS[1], max_tokens=16, mode=mode, temperature=temperature, seed=7)
+        tokens = [t for e in run(collect(router, request)) for t in e["token_ids"]]
+        assert len(tokens) == len(want) and clients["slim"].calls == slim_calls + 1  # never asked again
+        assert clients["full"].calls > full_calls and router.stats()["generations_without_slim"] == 1
+        assert router.unslimmed == set()
     with pytest.raises(Overloaded):  # a verifier's refusal is still the request's 429
         clients["full"].failures[:] = [Overloaded("full tier: all 8 KV slots are held")]
         run(collect(router, GenerateRequest(prompt=PROMPTS[1], max_tokens=4, mode="ar")))

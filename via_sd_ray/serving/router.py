@@ -23,7 +23,7 @@ from typing import Any
 
 from via_sd_ray.config import EngineConfig, parse_config
 from via_sd_ray.core.engine import Commit, Draft, DraftCall, Generation, VerifyCall
-from via_sd_ray.core.policy import Mode, load_block_cap
+from via_sd_ray.core.policy import Mode, Tier, load_block_cap
 from via_sd_ray.core.sampling import MAX_LOGPROBS, SamplingParams
 from via_sd_ray.errors import ConfigError, InvalidRequest, Overloaded, TierUnavailable, ViaSDError, check_range
 from via_sd_ray.models.detok import IncrementalText
@@ -125,10 +125,13 @@ class GenerationRouter:
                              else "the KV slot, serving.kv_slot_tokens")
         self.metrics = metrics if metrics is not None else _default_metrics()
         self.active: set[str] = set()
-        # generations the drafter tier refused a KV slot: they go on without drafts (the verifier's own
-        # decoding, the same tokens greedy and the same distribution sampled), never failed for it
+        # generations a tier other than the full verifier refused a KV slot (all held by running generations):
+        # never failed for it once started. Without the drafter they go on without drafts (the full model's own
+        # decoding: the same tokens greedy, the same distribution sampled); the slim tier's blocks go to the full
+        # verifier (a stricter check). The full verifier's own refusal stays the request's 429.
         self.undrafted: set[str] = set()
-        self.drafts_refused = 0
+        self.unslimmed: set[str] = set()
+        self.refused = {"drafter": 0, "slim": 0}
 
     # -- request -> generation -------------------------------------------------------------
 
@@ -231,6 +234,7 @@ class GenerationRouter:
         finally:
             self.active.discard(generation.generation_id)
             self.undrafted.discard(generation.generation_id)
+            self.unslimmed.discard(generation.generation_id)
             self._release(generation.generation_id)
 
     def route_key(self, generation_id: str, prompt_ids: list[int]) -> str:
@@ -279,6 +283,8 @@ class GenerationRouter:
         tier = "drafter" if isinstance(call, DraftCall) else call.tier.value
         if tier == "drafter" and call.generation_id in self.undrafted:
             return Draft([], [])  # an empty block: the full verifier decodes one token
+        if tier == "slim" and call.generation_id in self.unslimmed:
+            call, tier = replace(call, tier=Tier.FULL), "full"
         client = self.tiers[tier]
         retries, timeout = self.config.serving.tier_retries, self.config.serving.tier_timeout_s
         for attempt in range(retries + 1):
@@ -287,13 +293,14 @@ class GenerationRouter:
                 method = client.draft if tier == "drafter" else client.verify
                 result = await asyncio.wait_for(method(call), timeout)
             except Overloaded:
-                if tier != "drafter":
+                if tier == "full":
                     raise
-                # the drafter is full: this generation goes on with the verifier alone rather than failing
-                # (vLLM likewise stops drafting under load); the verifier's own admission still refuses work
-                self.undrafted.add(call.generation_id)
-                self.drafts_refused += 1
-                return Draft([], [])
+                self.refused[tier] += 1
+                if tier == "drafter":  # go on without drafts (vLLM likewise stops drafting under load)
+                    self.undrafted.add(call.generation_id)
+                    return Draft([], [])
+                self.unslimmed.add(call.generation_id)
+                return await self._call(replace(call, tier=Tier.FULL))
             except (ViaSDError, ValueError):
                 raise  # the request itself is wrong: retrying cannot help
             except asyncio.CancelledError:
@@ -352,8 +359,8 @@ class GenerationRouter:
     def stats(self) -> dict[str, Any]:
         from via_sd_ray.serving.tiers import _node_id
 
-        return {"active_generations": len(self.active), "generations_without_drafts": self.drafts_refused,
-                "pid": os.getpid(), "node_id": _node_id()}
+        return {"active_generations": len(self.active), "generations_without_drafts": self.refused["drafter"],
+                "generations_without_slim": self.refused["slim"], "pid": os.getpid(), "node_id": _node_id()}
 
 
 async def _quietly(awaitable) -> None:
