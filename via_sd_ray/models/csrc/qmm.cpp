@@ -1,8 +1,9 @@
 // Grouped low-bit weight matmul on CPUs: y[M, N] = x[M, K] . W[N, K]^T, where each group of G inputs
 // of each output row holds w = scale * code + low (4-bit codes packed two to a byte; 5- and 6-bit codes
 // as a 4-bit plane and a 2-bit plane, 6 bits a code). One pass over the packed weights serves all M rows
-// of x, so a verify block or a batch of decode rows reads each weight once, and the activations stay in
-// the model's dtype (bf16 products accumulate in float32, nothing is rounded to int8).
+// of x, so a verify block or a batch of decode rows reads each weight once. The activations stay in the
+// model's dtype (bf16 products accumulate in float32), or, asked for (``int8``), are rounded to int8 per
+// group and multiplied in integers (``block_int8``, AVX512-VNNI).
 //
 // Packed layout (built by via_sd_ray/models/qmm.py:pack), per block of 32 output rows (two tiles of 16)
 // and group, so that a thread streams its blocks' weights in one run:
