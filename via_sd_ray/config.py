@@ -52,9 +52,9 @@ class ModelConfig(_Strict):
         "auto", description="Inputs of the packed (int4 / gguf) layers on CPUs. dtype: as the model computes them "
         "(bf16 products summed in float32: a verify pass computes each position exactly as a one-token step); "
         "int8: each row rounded to int8 per group of 32 (16 for 6-bit groups) inputs and multiplied by the 4-bit "
-        "codes in integers (AVX512-VNNI; llama.cpp's way), ~1.5x faster on verify blocks, batches and prefill; "
+        "codes in integers (AVX512-VNNI; llama.cpp's way), ~1.3x faster verify, batched and prefill passes; "
         "rows stay independent (greedy sd still equals ar), but the outputs drift from the dtype's as far as "
-        "the rounding takes them (README, Precision). auto: int8 for the drafter (its errors cost only "
+        "the rounding takes them (README, Activations). auto: int8 for the drafter (its errors cost only "
         "acceptance) where the CPU has AVX512-VNNI, else dtype.")
     quantization: Literal["none", "int8-weight-only", "int4-weight-only"] | None = Field(
         None, description="Former name of precision: none = bf16, int8-weight-only = int8, int4-weight-only = int4.")
