@@ -17,15 +17,9 @@ import time
 
 from via_sd_ray.config import load_config
 from via_sd_ray.models.local import LocalEngine
-from via_sd_ray.models.quant import PackedLinear, SwiGLU
+from via_sd_ray.models.quant import round_activations
 
 CONTEXT = 300  # tokens already in the cache, a prompt's length
-
-
-def set_int8(stack, on: bool) -> None:
-    for module in stack.hf_model.modules():
-        if isinstance(module, (PackedLinear, SwiGLU)):
-            module.int8 = on
 
 
 def main() -> None:
@@ -45,7 +39,7 @@ def main() -> None:
             for cache in caches:
                 stack.forward(prompt, cache, 0)
             for int8 in (False, True):
-                set_int8(stack, int8)
+                round_activations(stack.hf_model, int8)
                 for name, (rows, tokens) in shapes.items():
                     ids = [[(13 * j + r) % 3000 + 50 for j in range(tokens)] for r in range(rows)]
                     logits = [0 if name.startswith("prefill") else tokens] * rows

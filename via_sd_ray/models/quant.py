@@ -206,12 +206,13 @@ class FusedSwiGLU(FusedLinear):
         return nn.functional.silu(gate) * up
 
 
-def round_activations(model: nn.Module) -> int:
-    """Every packed layer of ``model`` (``PackedLinear``, before ``fuse_projections``, which keeps the choice)
-    takes its input rounded to int8 per group (``qmm.matmul(..., int8=True)``, AVX512-VNNI). Returns how many."""
+def round_activations(model: nn.Module, on: bool = True) -> int:
+    """Every packed layer of ``model`` (``PackedLinear``, before ``fuse_projections``, which keeps the choice,
+    or after) takes its input rounded to int8 per group (``qmm.matmul(..., int8=True)``, AVX512-VNNI), or with
+    ``on`` False in the model's dtype again. Returns how many."""
     layers = [m for m in model.modules() if isinstance(m, (PackedLinear, SwiGLU))]
     for layer in layers:
-        layer.int8 = True
+        layer.int8 = on
     return len(layers)
 
 
