@@ -119,8 +119,16 @@ def test_guidellm_synchronous_streaming(guidellm, ready, tokenizer_dir, tmp_path
     errored = benchmark["requests"]["errored"] or []
     first_error = errored[0]["info"].get("error") if errored else None
     assert totals["errored"] == 0 and totals["incomplete"] == 0, f"{totals}; first error: {first_error}"
-    assert totals["successful"] == REQUESTS, totals
-    assert benchmark["scheduler_metrics"]["requests_made"]["successful"] == REQUESTS
+    # guidellm 0.8.1's synchronous run can end while its last request is still streaming: that request is then
+    # neither processed nor counted (not even as incomplete), only left in the scheduler's `processing_requests`
+    # (seen once in CI: 9 successful, 1 processing, 80 ms into a 200 ms request). Every request guidellm created
+    # is one it finished successfully, or that one it cut off.
+    state = benchmark["scheduler_state"]
+    assert state["created_requests"] == REQUESTS, state
+    assert state["processing_requests"] <= 1 and state["errored_requests"] == state["cancelled_requests"] == 0, state
+    assert totals["successful"] == state["successful_requests"] == state["created_requests"] - state[
+        "processing_requests"], (totals, state)
+    assert benchmark["scheduler_metrics"]["requests_made"]["successful"] == totals["successful"]
     for request in benchmark["requests"]["successful"]:  # streamed: several chunks, then the usage
         assert request["output"], request
         assert request["output_metrics"]["text_tokens"] == OUTPUT_TOKENS, request["output_metrics"]
