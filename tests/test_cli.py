@@ -146,15 +146,19 @@ def test_bench_batch_reports_concurrency_and_prefix_reuse(tmp_path, prompts_file
 
 
 def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path, capsys):
-    """The GPU check's own code path, on the CPU: every field it reports on a GPU is there."""
-    out = tmp_path / "gpu-check.json"
+    """The GPU check's own code path, on the CPU: every field it reports on a GPU is there (the drafter compiled,
+    as on a GPU, the verifier eager, as ``--verifier-compile off`` runs a 32B one)."""
+    out, profile = tmp_path / "gpu-check.json", tmp_path / "profile.txt"
     assert main(["gpu-check", "--device", "cpu", "--shapes", "tiny", "--max-tokens", "12", "--prompt-tokens", "24",
-                 "--json", str(out)]) == 0
+                 "--compile", "on", "--verifier-compile", "off", "--profile", str(profile), "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["ok"] and record["device"] == "cpu"
+    assert record["ok"] and record["complete"] and record["device"] == "cpu"
     (pair,) = record["pairs"]
-    assert pair["compiled"] == {"drafter": False, "slim": False, "full": False}  # auto on a CPU
-    assert pair["greedy_sd_equals_ar"]
+    assert pair["compiled"] == {"drafter": True, "slim": False, "full": False}
+    assert pair["greedy_sd_equals_ar"] and pair["greedy_sd_matching_prefix"] == 12
+    assert 0 < pair["costs"]["draft_token_graph_s"] and "ar_step_graph_s" not in pair["costs"]
+    assert set(pair["seconds_by_phase"]) == {"build", "warm_up", "costs", "transfers", "runs"}
+    assert "one-token drafter passes (compiled)" in profile.read_text()
     assert pair["transfers_per_call"] == {"drafter": {"transfers": 1, "deviceless": []},
                                           "full": {"transfers": 1, "deviceless": []}}
     costs = pair["costs"]

@@ -11,7 +11,13 @@ each pair it prints and writes as JSON:
   random weights accept few drafts, so SD's tokens/s at acceptance 0.6 and 0.8 are also projected
   from the measured costs;
 - the greedy ``sd`` == ``ar`` check, device -> host transfers of a tier call (``HostTransfers``), and
-  peak memory.
+  peak memory;
+- where a tier runs compiled, the compiled graph's own time beside the tier call's (``*_graph_s``: the
+  difference is the host's work around it), and the seconds each phase took (compiling is most of them).
+
+On a GPU, bf16 sums a 5-row pass in another order than a 1-row one, so greedy ``sd`` may leave ``ar``
+after a near tie (reported: ``greedy_sd_matching_prefix``); the check that must hold runs first, on a
+small float32 pair of real widths with TF32 off, where SD's output equals the verifier's exactly.
 
 ``--device cpu --shapes tiny`` runs the same code on tiny shapes in seconds (the test suite does).
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import platform
 import sys
 import time
@@ -48,6 +55,11 @@ SHAPES = {
     "qwen2.5-coder-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                               num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
                               tie_word_embeddings=False),
+    # the exactness check on a GPU: real widths and vocabulary, few layers, float32
+    "check-drafter": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=2, num_attention_heads=14,
+                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "check-verifier": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=4, num_attention_heads=28,
+                           num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     # overhead-bound shapes for the CPU run in the test suite
     "tiny-drafter": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
@@ -56,6 +68,7 @@ SHAPES = {
 }
 PAIRS = {"real": [("qwen2.5-coder-0.5b", "qwen2.5-coder-7b"), ("qwen2.5-coder-0.5b", "qwen2.5-coder-32b")],
          "tiny": [("tiny-drafter", "tiny-verifier")]}
+EXACT_PAIR = ("check-drafter", "check-verifier")  # run first on a GPU, in float32
 BLOCK = 4  # the block length of the sd / via-sd runs
 REPEAT = 5  # timed runs per cost (median)
 
@@ -120,6 +133,18 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
             stack(tokens, cache, 1)
         return median_seconds(run, device, REPEAT)
 
+    def graph_cost(stack) -> float:
+        """Seconds of the compiled graph alone on a one-token pass (inputs built once, no host work around)."""
+        step = stack.compiled
+        cache = step.pool.cache(0)
+        cache.crop(0)
+        stack(context, cache, 1)
+        ids = torch.tensor([context[-1:]], device=step.device)
+        positions = torch.tensor([[len(context)]], device=step.device)
+        slots = torch.tensor([cache.slot], device=step.device)
+        with torch.inference_mode():
+            return median_seconds(lambda: step.fn(ids, positions, slots, step.pool.data), device, REPEAT)
+
     block = context[-(BLOCK + 1):]
     costs = {"draft_token_s": cost(drafter, block[:1]), "ar_step_s": cost(full, block[:1]),
              "full_call_s": {k: cost(full, context[-(k + 1):]) for k in (1, 2, 4, 8)}}
@@ -134,6 +159,9 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     behind = cost(full, context[-(BLOCK + 9):])
     costs["catch_up_token_s"] = max(0.0, (behind - costs["full_call_s"][BLOCK]) / 8)
     costs["drafter_over_verifier"] = costs["draft_token_s"] / costs["ar_step_s"]
+    for key, stack in (("draft_token_graph_s", drafter), ("ar_step_graph_s", full)):
+        if stack.compiled:
+            costs[key] = graph_cost(stack)
     for alpha in (0.6, 0.8):  # expected tokens per block over its cost, at per-token acceptance alpha
         tokens = (1 - alpha ** (BLOCK + 1)) / (1 - alpha)
         block_s = BLOCK * costs["draft_token_s"] + costs["full_call_s"][BLOCK]
@@ -186,13 +214,24 @@ def generation_runs(engine: LocalEngine, prompts: list[list[int]], tokens: int) 
         start = time.perf_counter()
         results = engine.generate_batch(prompts[:8], params, policies[mode])
         batch[mode] = sum(len(r.token_ids) for r in results) / (time.perf_counter() - start)
-    return {"modes": out, "batch8_tokens_per_s": batch,
-            "greedy_sd_equals_ar": greedy_tokens["sd"] == greedy_tokens["ar"]}
+    sd, ar = greedy_tokens["sd"], greedy_tokens["ar"]
+    prefix = next((i for i, (a, b) in enumerate(zip(sd, ar)) if a != b), min(len(sd), len(ar)))
+    return {"modes": out, "batch8_tokens_per_s": batch, "greedy_sd_equals_ar": sd == ar,
+            "greedy_sd_matching_prefix": prefix}
 
 
 def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: int, prompt_tokens: int,
-               compile_setting: str = "auto") -> dict:
-    dtype = torch_dtype("auto", device)
+               compile_setting: str = "auto", verifier_compile: str | None = None, dtype: torch.dtype | None = None,
+               profile: str | None = None) -> dict:
+    dtype = dtype or torch_dtype("auto", device)
+    phases, clock = {}, [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - clock[0], 2)
+        clock[0] = now
+        log(f"  {name}: {phases[name]:.1f} s")
+
     plan = fit_layers(pair, device, dtype, layers)
     full_layers = SHAPES[pair[1]]["num_hidden_layers"]
     note = "" if plan["verifier"] == full_layers else f" (of {full_layers}: truncated to fit the device)"
@@ -202,7 +241,8 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
     slim = list(range(0, plan["verifier"], 2))  # every other layer
     config = parse_config({
         "models": {"drafter": {"source": "tiny-random:drafter", "device": device, "compile": compile_setting},
-                   "verifier": {"source": "tiny-random:verifier", "device": device, "compile": compile_setting}},
+                   "verifier": {"source": "tiny-random:verifier", "device": device,
+                                "compile": verifier_compile or compile_setting}},
         "slim": {"layers": slim},
         "router": {"mode": "via-sd", "block_size": BLOCK},
         "limits": {"max_tokens": tokens},
@@ -212,7 +252,9 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
     vocab = min(SHAPES[n]["vocab_size"] for n in pair)
     verifier = build(pair[1], device, dtype, plan["verifier"], vocab)
     drafter = build(pair[0], device, dtype, plan["drafter"])
-    engine = LocalEngine.from_models(config, verifier, drafter, _IdTokenizer())
+    phase("build")
+    engine = LocalEngine.from_models(config, verifier, drafter, _IdTokenizer())  # compiles and warms up
+    phase("warm_up")
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, vocab, (8, prompt_tokens), generator=gen).tolist()
     record = {"drafter": pair[0], "verifier": pair[1], "verifier_layers": plan["verifier"],
@@ -221,14 +263,24 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
     tiers = {"drafter": engine.drafter, "slim": engine.slim, "full": engine.full}
     record["compiled"] = {name: runner.stack.compiled is not None for name, runner in tiers.items()}
     record["costs"] = call_costs(engine, prompts[0], device)
+    phase("costs")
     log(f"  costs: draft token {record['costs']['draft_token_s'] * 1e3:.2f} ms, ar step "
         f"{record['costs']['ar_step_s'] * 1e3:.2f} ms (ratio {record['costs']['drafter_over_verifier']:.2f}), "
         f"full call K={BLOCK} {record['costs']['full_call_s'][BLOCK] * 1e3:.2f} ms")
+    graphs = {k: f"{record['costs'][k] * 1e3:.2f} ms" for k in ("draft_token_graph_s", "ar_step_graph_s")
+              if k in record["costs"]}
+    if graphs:
+        log(f"  compiled graph alone: {graphs}")
+    if profile:
+        profile_draft_tokens(engine, prompts[0], profile)
     record["transfers_per_call"] = transfers_of_a_call(engine, prompts[0])
+    phase("transfers")
     record.update(generation_runs(engine, prompts, tokens))
+    phase("runs")
     for key, run in record["modes"].items():
         log(f"  {key:12s} {run['tokens_per_s']:8.1f} tok/s  acceptance {run['acceptance']}")
-    log(f"  batch 8: {record['batch8_tokens_per_s']}; greedy sd == ar: {record['greedy_sd_equals_ar']}")
+    log(f"  batch 8: {record['batch8_tokens_per_s']}; greedy sd == ar: {record['greedy_sd_equals_ar']} "
+        f"(first {record['greedy_sd_matching_prefix']} tokens equal)")
     if device.startswith("cuda"):
         record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
@@ -236,10 +288,32 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
 
         record["peak_memory_bytes"] = psutil.Process().memory_info().rss
     log(f"  peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+    record["seconds_by_phase"] = phases
     del engine, verifier, drafter
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return record
+
+
+def profile_draft_tokens(engine: LocalEngine, context: list[int], path: str, tokens: int = 8) -> None:
+    """torch.profiler's table (by self CPU time) of ``tokens`` one-token drafter passes, written to ``path``:
+    kernel launches and graph replays per pass, and where the host's time goes."""
+    stack = engine.drafter.stack
+    cache = stack.compiled.pool.cache(0) if stack.compiled else stack.new_cache(len(context) + tokens + 8)
+    cache.crop(0)
+    stack(context, cache, 1)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if stack.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for token in context[:tokens]:
+            stack([token], cache, 1)
+        if stack.device.type == "cuda":
+            torch.cuda.synchronize(stack.device)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    with open(path, "a") as f:
+        f.write(f"== {tokens} one-token drafter passes ({'compiled' if stack.compiled else 'eager'})\n{table}\n")
+    log(f"  profile of {tokens} drafter passes appended to {path}")
 
 
 def log(msg: str) -> None:
@@ -252,20 +326,49 @@ def run_gpu_check(args) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu-check: --device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES, drivers)")
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("via_sd_ray").setLevel(logging.INFO)  # the tiers' compile warm-up times
     started = time.perf_counter()
     record = {"schema": SCHEMA, "device": device, "torch": torch.__version__, "host": platform.node(),
-              "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None, "pairs": []}
-    for pair in PAIRS[args.shapes]:
-        record["pairs"].append(check_pair(pair, device, args.layers, args.max_tokens, args.prompt_tokens,
-                                          args.compile))
-    record["seconds"] = time.perf_counter() - started
-    record["ok"] = all(p["greedy_sd_equals_ar"] and all(t == {"transfers": 1, "deviceless": []}
-                                                        for t in p["transfers_per_call"].values())
-                       for p in record["pairs"])
+              "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None, "pairs": [],
+              "complete": False}
+    pairs = PAIRS[args.shapes]
+    if args.pairs:  # in the order given
+        by_size = {p[1].rsplit("-", 1)[-1]: p for p in pairs}
+        unknown = [n for n in args.pairs.split(",") if n not in by_size]
+        if unknown:
+            raise SystemExit(f"gpu-check: --pairs expects a comma list of {sorted(by_size)}, received {args.pairs!r}")
+        pairs = [by_size[n] for n in args.pairs.split(",")]
+    runs = [(p, None) for p in pairs]
+    if device.startswith("cuda") and args.shapes == "real":  # the exactness check first (minutes of compiling)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        runs.insert(0, (EXACT_PAIR, torch.float32))
+    for pair, dtype in runs:
+        exactness = pair == EXACT_PAIR  # its verifier as --compile says: the compiled pass is what it checks
+        own = (None, None, None) if exactness else (args.layers, args.verifier_compile, args.profile)
+        record["pairs"].append(check_pair(pair, device, own[0], args.max_tokens, args.prompt_tokens, args.compile,
+                                          own[1], dtype, own[2]))
+        record["seconds"] = time.perf_counter() - started
+        write(record, args.json_out)  # a pair at a time: a run cut short keeps what it measured
+    record["complete"] = True
+    record["ok"] = all(all(t == {"transfers": 1, "deviceless": []} for t in p["transfers_per_call"].values())
+                       and (p["greedy_sd_equals_ar"] or not exact(p, device)) for p in record["pairs"])
     log(f"gpu-check {'passed' if record['ok'] else 'FAILED'} in {record['seconds']:.0f} s")
-    text = json.dumps(record, indent=2, default=str)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    text = write(record, args.json_out)
     print(text)
     return record
+
+
+def exact(pair: dict, device: str) -> bool:
+    """Whether greedy ``sd`` must equal ``ar`` bit for bit: float32 with TF32 off, or any CPU run (whose passes
+    compute each row alike however many rows a pass has); bf16 GPU GEMMs sum rows in a shape-dependent order."""
+    return pair["dtype"] == "float32" or not device.startswith("cuda")
+
+
+def write(record: dict, path: str | None) -> str:
+    text = json.dumps(record, indent=2, default=str)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return text

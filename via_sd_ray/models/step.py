@@ -69,7 +69,7 @@ class CompiledStep:
         # a code object of its own: dynamo keeps graphs (and their recompile limit of 8) per code object, and
         # three stacks of one process would otherwise share one cache of up to 12 graphs
         forward = types.FunctionType(CompiledStep._forward.__code__.replace(), globals(), "_forward")
-        self._fn = torch.compile(types.MethodType(forward, self), fullgraph=True,
+        self.fn = torch.compile(types.MethodType(forward, self), fullgraph=True,
                                  mode="reduce-overhead" if self.cuda else None)
         self.calls = 0
 
@@ -102,7 +102,7 @@ class CompiledStep:
                      + torch.arange(width, device=device)[None])  # [B, T]
         slots = torch.tensor([c.slot for c in caches], dtype=torch.long, device=device)
         self.calls += 1
-        return self._fn(ids, positions, slots, self.pool.data)
+        return self.fn(ids, positions, slots, self.pool.data)
 
     def warm_up(self, max_rows: int) -> float:
         """Compile (and on CUDA record) the shapes serving will see, so the first request pays nothing:
@@ -118,7 +118,7 @@ class CompiledStep:
                     ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
                     positions = torch.arange(t, device=self.device)[None].repeat(b, 1)
                     slots = torch.arange(b, device=self.device)
-                    self._fn(ids, positions, slots, self.pool.data)  # writes at slot starts: no cache holds them yet
+                    self.fn(ids, positions, slots, self.pool.data)  # writes at slot starts: no cache holds them yet
         if self.cuda:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
