@@ -157,6 +157,7 @@ def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path, capsys):
     assert pair["compiled"] == {"drafter": True, "slim": False, "full": False}
     assert pair["greedy_sd_equals_ar"] and pair["greedy_sd_matching_prefix"] == 12
     assert 0 < pair["costs"]["draft_token_graph_s"] and "ar_step_graph_s" not in pair["costs"]
+    assert all(pair["costs"][k] > 0 for k in ("draft_call_s", "draft_call_sync_inputs_s", "draft_token_sync_inputs_s"))
     assert set(pair["seconds_by_phase"]) == {"build", "warm_up", "costs", "transfers", "runs"}
     assert "one-token drafter passes (compiled)" in profile.read_text()
     assert pair["transfers_per_call"] == {"drafter": {"transfers": 1, "deviceless": []},

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--verifier-compile", default=None, choices=["auto", "on", "off"],
                     help="the verifier tiers' compile, where it differs from --compile (a 32B verifier's passes are "
                     "long enough to hide eager launches; compiling its 64 layers takes minutes)")
-    gc.add_argument("--pairs", default=None, help="comma list of verifier sizes to run (7b,32b; default: all)")
+    gc.add_argument("--pairs", default=None, help="comma list of the pairs to run, in order: exact (a float32 pair "
+                    "of real widths where greedy sd must equal ar; on a GPU), 7b, 32b; default: all")
     gc.add_argument("--profile", default=None, help="append torch.profiler's table of 8 drafter passes to this file")
     gc.add_argument("--max-tokens", type=int, default=64)
     gc.add_argument("--prompt-tokens", type=int, default=128)

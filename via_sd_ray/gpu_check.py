@@ -162,6 +162,22 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     for key, stack in (("draft_token_graph_s", drafter), ("ar_step_graph_s", full)):
         if stack.compiled:
             costs[key] = graph_cost(stack)
+
+    def draft_call() -> float:
+        """Seconds of a greedy draft call of BLOCK tokens after ``context`` (its passes, picks and one transfer)."""
+        call = DraftCall("cost", context, BLOCK, SamplingParams(max_tokens=BLOCK, ignore_eos=True), seed=1)
+        seconds = median_seconds(lambda: engine.drafter.draft(call), device, REPEAT)
+        engine.release("cost")
+        return seconds
+
+    costs["draft_call_s"] = draft_call()
+    if drafter.compiled:  # the same with each pass's inputs copied as blocking copies (as before they were not)
+        drafter.compiled.sync_inputs = True
+        try:
+            costs["draft_token_sync_inputs_s"] = cost(drafter, block[:1])
+            costs["draft_call_sync_inputs_s"] = draft_call()
+        finally:
+            drafter.compiled.sync_inputs = False
     for alpha in (0.6, 0.8):  # expected tokens per block over its cost, at per-token acceptance alpha
         tokens = (1 - alpha ** (BLOCK + 1)) / (1 - alpha)
         block_s = BLOCK * costs["draft_token_s"] + costs["full_call_s"][BLOCK]
@@ -267,10 +283,10 @@ def check_pair(pair: tuple[str, str], device: str, layers: int | None, tokens: i
     log(f"  costs: draft token {record['costs']['draft_token_s'] * 1e3:.2f} ms, ar step "
         f"{record['costs']['ar_step_s'] * 1e3:.2f} ms (ratio {record['costs']['drafter_over_verifier']:.2f}), "
         f"full call K={BLOCK} {record['costs']['full_call_s'][BLOCK] * 1e3:.2f} ms")
-    graphs = {k: f"{record['costs'][k] * 1e3:.2f} ms" for k in ("draft_token_graph_s", "ar_step_graph_s")
-              if k in record["costs"]}
-    if graphs:
-        log(f"  compiled graph alone: {graphs}")
+    extra = {k: f"{record['costs'][k] * 1e3:.2f} ms" for k in (
+        "draft_token_graph_s", "ar_step_graph_s", "draft_token_sync_inputs_s", "draft_call_s",
+        "draft_call_sync_inputs_s") if k in record["costs"]}
+    log(f"  {extra}")
     if profile:
         profile_draft_tokens(engine, prompts[0], profile)
     record["transfers_per_call"] = transfers_of_a_call(engine, prompts[0])
@@ -332,18 +348,18 @@ def run_gpu_check(args) -> dict:
     record = {"schema": SCHEMA, "device": device, "torch": torch.__version__, "host": platform.node(),
               "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None, "pairs": [],
               "complete": False}
-    pairs = PAIRS[args.shapes]
+    runs = [(p, None) for p in PAIRS[args.shapes]]
+    if device.startswith("cuda") and args.shapes == "real":  # the exactness check first
+        runs.insert(0, (EXACT_PAIR, torch.float32))
     if args.pairs:  # in the order given
-        by_size = {p[1].rsplit("-", 1)[-1]: p for p in pairs}
-        unknown = [n for n in args.pairs.split(",") if n not in by_size]
+        by_name = {"exact" if p == EXACT_PAIR else p[1].rsplit("-", 1)[-1]: (p, d) for p, d in runs}
+        unknown = [n for n in args.pairs.split(",") if n not in by_name]
         if unknown:
-            raise SystemExit(f"gpu-check: --pairs expects a comma list of {sorted(by_size)}, received {args.pairs!r}")
-        pairs = [by_size[n] for n in args.pairs.split(",")]
-    runs = [(p, None) for p in pairs]
-    if device.startswith("cuda") and args.shapes == "real":  # the exactness check first (minutes of compiling)
+            raise SystemExit(f"gpu-check: --pairs expects a comma list of {sorted(by_name)}, received {args.pairs!r}")
+        runs = [by_name[n] for n in args.pairs.split(",")]
+    if any(p == EXACT_PAIR for p, _ in runs):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        runs.insert(0, (EXACT_PAIR, torch.float32))
     for pair, dtype in runs:
         exactness = pair == EXACT_PAIR  # its verifier as --compile says: the compiled pass is what it checks
         own = (None, None, None) if exactness else (args.layers, args.verifier_compile, args.profile)

@@ -36,6 +36,15 @@ from via_sd_ray.errors import ConfigError
 T_BUCKETS = (1, 2, 4, 8, 16, 32)  # tokens per row of a compiled pass, on CUDA (bounds the CUDA graphs)
 
 
+def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``. To a GPU: through page-locked memory, a copy queued on the
+    stream that returns at once (a copy from pageable memory waits for everything queued before it)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def unsupported(stack) -> str | None:
     """Why ``stack`` cannot run compiled (None: it can)."""
     if getattr(stack, "mirrored", False) or stack.num_kv_heads != stack.config.num_key_value_heads:
@@ -72,6 +81,8 @@ class CompiledStep:
         self.fn = torch.compile(types.MethodType(forward, self), fullgraph=True,
                                  mode="reduce-overhead" if self.cuda else None)
         self.calls = 0
+        self.offsets = torch.arange(max(T_BUCKETS[-1], max_tokens), device=self.device)  # a row's token offsets
+        self.sync_inputs = False
 
     def accepts(self, caches, lengths: list[int]) -> bool:
         """Whether a pass of these rows can run compiled: every cache a slot of this pool, each row's
@@ -88,19 +99,33 @@ class CompiledStep:
         return next((b for b in T_BUCKETS if b >= longest), longest)
 
     def run(self, token_lists, caches, starts: list[int], lengths: list[int]) -> torch.Tensor:
-        """Logits [B, T, V] (float32) of the rows, written into their slots at ``starts``."""
+        """Logits [B, T, V] (float32) of the rows, written into their slots at ``starts``.
+
+        The pass's host numbers (each row's start and slot, and the ids of rows given as host lists, padded)
+        travel in one copy that does not wait for the device (``host_to_device``): a drafter's next pass,
+        whose token was picked on the device, is queued while the last one still runs. ``sync_inputs``
+        (a measurement's switch) makes each of them a blocking copy of its own instead."""
         width = self.width(max(lengths))
-        device = self.device
-        rows = []
-        for tokens, n in zip(token_lists, lengths):
-            row = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long, device=device)
-            if n < width:
-                row = torch.cat([row, row.new_zeros(width - n)])
-            rows.append(row)
-        ids = torch.stack(rows)  # [B, T]
-        positions = (torch.tensor(starts, device=device)[:, None]
-                     + torch.arange(width, device=device)[None])  # [B, T]
-        slots = torch.tensor([c.slot for c in caches], dtype=torch.long, device=device)
+        batch = len(caches)
+        host_rows = [i for i, t in enumerate(token_lists) if not isinstance(t, torch.Tensor)]
+        numbers = list(starts) + [c.slot for c in caches]
+        for i in host_rows:
+            numbers += list(token_lists[i]) + [0] * (width - lengths[i])
+        if self.sync_inputs:
+            numbers = torch.tensor(numbers, dtype=torch.long, device=self.device)
+        else:
+            numbers = host_to_device(numbers, self.device)
+        positions = numbers[:batch, None] + self.offsets[:width][None]  # [B, T]
+        slots = numbers[batch : 2 * batch]
+        host_ids = numbers[2 * batch :].view(len(host_rows), width)
+        if len(host_rows) == batch:
+            ids = host_ids
+        else:  # rows already on the device (a token just picked there), padded there
+            at = {row: j for j, row in enumerate(host_rows)}
+            rows = [host_ids[at[i]] if i in at else
+                    (t if lengths[i] == width else torch.cat([t, t.new_zeros(width - lengths[i])]))
+                    for i, t in enumerate(token_lists)]
+            ids = torch.stack(rows)  # [B, T]
         self.calls += 1
         return self.fn(ids, positions, slots, self.pool.data)
 
