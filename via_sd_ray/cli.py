@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--prompts", default=None, help="JSON file with a list of prompts instead of ShareGPT")
     bs.add_argument("--json", dest="json_out", default=None)
 
+    dv = sub.add_parser("draft-vocab", help="rank the tokenizer's ids by frequency in ShareGPT code answers "
+                        "(models.drafter.draft_vocab.file)")
+    _add_config(dv)
+    dv.add_argument("--split", default="calibration", choices=["bench", "calibration"])
+    dv.add_argument("--out", required=True, help="JSON ranking to write")
+
     cal = sub.add_parser("calibrate", help="choose the slim layers and router thresholds")
     _add_config(cal)
     cal.add_argument("--num-prompts", type=int, default=16)
@@ -160,6 +166,8 @@ def _run(args) -> int:
 
         run_serving_bench(args)
         return 0
+    if args.command == "draft-vocab":
+        return _draft_vocab(args)
     if args.command == "calibrate":
         from via_sd_ray.calibrate import run_calibration
 
@@ -170,6 +178,33 @@ def _run(args) -> int:
 
         return run_render(args)
     raise AssertionError(args.command)
+
+
+def _draft_vocab(args) -> int:
+    """Write the drafter's token ranking: ids by frequency in the answers of the split's code conversations."""
+    from via_sd_ray.config import load_config
+    from via_sd_ray.data import code_answers
+    from via_sd_ray.models import draft_vocab
+    from via_sd_ray.models.loading import load_tokenizer, resolve
+
+    cfg = load_config(args.config, args.app).models.drafter
+    tokenizer = load_tokenizer(resolve(cfg.source, cfg.revision))
+    answers = code_answers(args.split)
+    ids, counted = draft_vocab.rank(tokenizer, answers)
+    draft_vocab.save(args.out, ids, {"tokenizer": cfg.source, "source": f"ShareGPT code answers ({args.split})",
+                                     "answers": len(answers), "tokens_counted": counted})
+    held_out = code_answers("bench" if args.split == "calibration" else "calibration")[:300]
+    for size in (8192, 16384, 32768, 65536):  # out of sample: answers of the other split
+        print(f"the {size} most frequent ids cover {sum_share(ids, size, tokenizer, held_out):.3f} of the tokens of "
+              f"{len(held_out)} answers of the other split")
+    print(f"{len(ids)} ids seen in {counted} tokens of {len(answers)} answers: {args.out}")
+    return 0
+
+
+def sum_share(ids: list[int], size: int, tokenizer, texts: list[str]) -> float:
+    keep = set(ids[:size])
+    tokens = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return sum(t in keep for t in tokens) / max(1, len(tokens))
 
 
 def _models(args) -> int:

@@ -80,11 +80,22 @@ class ModelConfig(_Strict):
         return self
 
 
+class DraftVocabConfig(_Strict):
+    file: str = Field(description="A token ranking written by `via-sd draft-vocab` (ids by frequency in sample "
+                      "answers); relative to the config file's folder or the working directory.")
+    size: int = Field(ge=1, description="Rows the drafter's LM head keeps: the ranking's most frequent ids (and the "
+                      "end-of-sequence ids).")
+
+
 class DrafterConfig(ModelConfig):
     source: str = Field("qwen2.5-coder-0.5b-instruct", description=f"As for models, or `{PROMPT_LOOKUP}` for a "
                         "model-free n-gram drafter.")
     max_ngram: int = Field(3, ge=1, le=16, description="prompt-lookup: longest n-gram matched.")
     min_ngram: int = Field(1, ge=1, le=16, description="prompt-lookup: shortest n-gram matched.")
+    draft_vocab: DraftVocabConfig | None = Field(None, description="Score drafts over the `size` most frequent "
+                                                 "tokens only (a narrower LM head: a cheaper draft token); the "
+                                                 "verifier still decides over its whole vocabulary, so this costs "
+                                                 "acceptance, never output. None: the whole vocabulary.")
 
 
 class VerifierConfig(ModelConfig):
@@ -388,6 +399,11 @@ def parse_config(args: dict[str, Any] | None, base_dir: Path | None = None) -> E
     profile = args.get("profile")
     if profile:
         args = merge_profile(args, _resolve(profile, base_dir))
+    drafter = (args.get("models") or {}).get("drafter") or {}
+    vocab = drafter.get("draft_vocab") if isinstance(drafter, dict) else None
+    if isinstance(vocab, dict) and isinstance(vocab.get("file"), str):  # found where the config file is
+        drafter = {**drafter, "draft_vocab": {**vocab, "file": str(_resolve(vocab["file"], base_dir))}}
+        args["models"] = {**args["models"], "drafter": drafter}
     try:
         return EngineConfig.model_validate(args)
     except ValidationError as err:

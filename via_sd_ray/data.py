@@ -51,7 +51,8 @@ def iter_records(path: Path):
 
 
 @lru_cache(maxsize=2)
-def _code_prompts(path: str) -> tuple[tuple[str, str], ...]:
+def _code_conversations(path: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(SHA-256 of the id, first human turn, the answers) of the code conversations, in hash order."""
     seen, kept = set(), []
     for record in iter_records(Path(path)):
         turns = record.get("conversations") or []
@@ -62,20 +63,30 @@ def _code_prompts(path: str) -> tuple[tuple[str, str], ...]:
                 or text.startswith("Web search results"):
             continue
         seen.add(text)
-        kept.append((hashlib.sha256(str(record.get("id")).encode()).hexdigest(), text))
+        answers = tuple(t.get("value") or "" for t in turns if t.get("from") == "gpt")
+        kept.append((hashlib.sha256(str(record.get("id")).encode()).hexdigest(), text, answers))
     kept.sort()
     return tuple(kept)
 
 
-def code_prompts(n: int, split: str = "bench", path: Path | None = None) -> list[str]:
-    """The first ``n`` code prompts of ``split`` (see the module docstring)."""
+def _split(split: str, path: Path | None) -> list[tuple[str, str, tuple[str, ...]]]:
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {sorted(SPLITS)}, received {split!r}")
     path = path or registry.pull_data("sharegpt")
-    prompts = [text for digest, text in _code_prompts(str(path)) if digest[0] in SPLITS[split]]
+    return [c for c in _code_conversations(str(path)) if c[0][0] in SPLITS[split]]
+
+
+def code_prompts(n: int, split: str = "bench", path: Path | None = None) -> list[str]:
+    """The first ``n`` code prompts of ``split`` (see the module docstring)."""
+    prompts = [text for _, text, _ in _split(split, path)]
     if n > len(prompts):
         raise ValueError(f"num_prompts: expected at most {len(prompts)} for split {split!r}, received {n}")
     return prompts[:n]
+
+
+def code_answers(split: str = "calibration", path: Path | None = None) -> list[str]:
+    """Every answer of the code conversations of ``split`` (what a drafter's vocabulary is ranked on)."""
+    return [answer for _, _, answers in _split(split, path) for answer in answers if answer]
 
 
 def load_prompts(n: int, split: str, prompts_file: str | None = None) -> list[str]:

@@ -18,6 +18,8 @@ from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import kernels, qmm, registry, tiny
 from via_sd_ray.models.cpuinfo import cpu_field, cpu_flags  # noqa: F401 (cpu_field: the bench record's)
 from via_sd_ray.models.decoder import check_layers, keep_layers
+from via_sd_ray.models.draft_vocab import narrow_head
+from via_sd_ray.models.draft_vocab import read as read_draft_vocab
 from via_sd_ray.models.gguf_blocks import FOUR_BIT, apply_gguf_blocks
 from via_sd_ray.models.quant import quantize, round_activations
 
@@ -168,14 +170,16 @@ def resolve_activations(activations: str, precision: str, device: str, drafter: 
 
 def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] | None = None,
                attn_implementation: str = "sdpa", precision: str = "bf16", device: str = "cpu",
-               linear_kernel: str = "aten", dtype_device: str | None = None, int8_activations: bool = False):
+               linear_kernel: str = "aten", dtype_device: str | None = None, int8_activations: bool = False,
+               draft_vocab: tuple[str, int] | None = None):
     """A Hugging Face causal LM in eval mode on ``device``. With ``layers``, only those decoder
     layers are read and the model holds them re-indexed from 0 (a slim-verifier-only process).
     ``precision`` (concrete: bf16, int8, int4 or gguf; ``resolve_precision``): the linear layers' weights.
     ``linear_kernel``: what computes the unquantized linear layers (``models.kernels``).
     ``dtype_device``: the device ``dtype: auto`` is chosen for, when the model is loaded elsewhere
     first (DeepSpeed loads on the host and moves each shard to its GPU). ``int8_activations``: the packed
-    layers round their inputs to int8 (``resolve_activations``)."""
+    layers round their inputs to int8 (``resolve_activations``). ``draft_vocab``: (ranking file, size) of a
+    drafter's narrowed LM head (``models.draft_vocab``), narrowed before it is quantized."""
     model = _load(resolved, torch_dtype(dtype, dtype_device or device), layers, attn_implementation).to(device)
     try:
         precision = resolve_precision(precision, resolved, device)  # a gguf precision needs a GGUF checkpoint
@@ -185,6 +189,10 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
             elif precision == "gguf":  # elsewhere int4 quantizes every layer through torchao
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                                  "GGUF checkpoint's own blocks are served on CPUs only)")
+        if draft_vocab is not None:
+            eos = model.generation_config.eos_token_id if model.generation_config else None
+            eos = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+            narrow_head(model, read_draft_vocab(*draft_vocab, model.get_output_embeddings().out_features, eos))
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
         model = kernels.apply(quantize(model, scheme), linear_kernel)
         if int8_activations:

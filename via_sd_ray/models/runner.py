@@ -72,6 +72,8 @@ class TierRunner:
         self.pool = pool
         self.prefill_chunk = prefill_chunk
         self.proposal_top_k = proposal_top_k
+        # a drafter whose LM head scores a frequency-ranked subset of the vocabulary (models/draft_vocab.py)
+        self.draft_vocab = getattr(stack.hf_model, "draft_vocab", None) if hasattr(stack, "hf_model") else None
         self.host_steps = stack.device.type == "cpu" if host_steps is None else host_steps
         self.prefix_min_tokens = None if getattr(stack, "mirrored", False) else prefix_min_tokens
         self.caches: dict[str, KVCache] = {}  # running generations
@@ -273,23 +275,29 @@ class TierRunner:
         logits = [logits[i] for i in active]
         host_steps = self.host_steps and any(c.stop_threshold > 0 for c in calls)
         start = {i: len(caches[i]) for i in active}  # where the cache records its draft tokens
+        vocab = self.draft_vocab  # a narrowed head: its rows are these vocabulary ids
+        banned = {i: vocab.rows(calls[i].suppress_ids) if vocab else calls[i].suppress_ids for i in active}
         while active:
             tokens_now = []
             for i, row_logits in zip(active, logits):
                 call, step = calls[i], len(picked[i])
-                masked = suppress(row_logits, call.suppress_ids, call.suppress_rows - step)
+                masked = suppress(row_logits, banned[i], call.suppress_rows - step)
                 probs = warp(masked, call.params)  # [1, V]
                 if draws[i] is None:
                     token = probs.argmax(dim=-1)  # [1]
                     prob = probs[0, token]
+                    if vocab:
+                        token = vocab.ids[token]
                 else:
                     proposal = top_k_proposal(probs, self.proposal_top_k)
+                    if vocab:
+                        proposal = Proposal(vocab.ids[proposal.ids], proposal.probs)
                     choice = draw(proposal.probs, draws[i][step : step + 1])  # [1]
                     token, prob = proposal.ids[0, choice], proposal.probs[0, choice]
                     proposals[i].append(proposal)
                 picked[i].append(torch.cat([token.double(), prob.double()]))
                 if call.params.logprobs is not None:
-                    raw[i].append(row_logits)
+                    raw[i].append(vocab.widen(row_logits) if vocab else row_logits)
                 tokens_now.append(token)
             if host_steps:  # no transfer: the device is the host
                 last = torch.stack([picked[i][-1] for i in active]).tolist()

@@ -55,9 +55,10 @@ def load(cfg: ModelConfig, layers: list[int] | None = None, device: str | None =
     precision = "bf16" if getattr(cfg, "engine", "hf") == "deepspeed" else resolve_precision(
         cfg.precision, source, target, drafter)
     int8 = resolve_activations(cfg.activations, precision, target, drafter)
+    vocab = getattr(cfg, "draft_vocab", None)
     return load_model(source, cfg.dtype, layers=layers, attn_implementation=cfg.attn_implementation,
                       precision=precision, device=device or target, linear_kernel=linear_kernel or cfg.linear_kernel,
-                      dtype_device=target, int8_activations=int8)
+                      dtype_device=target, int8_activations=int8, draft_vocab=vocab and (vocab.file, vocab.size))
 
 
 def verifier_stacks(config: EngineConfig, stacks: dict[str, list[int] | None], load_layers: list[int] | None = None,
@@ -162,7 +163,7 @@ def build_drafter(config: EngineConfig, verifier_vocab: int) -> TierRunner | Pro
     if cfg.source == PROMPT_LOOKUP:
         return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram)
     model = load(cfg)
-    vocab = model.get_output_embeddings().out_features
+    vocab = model.draft_vocab.vocab if hasattr(model, "draft_vocab") else model.get_output_embeddings().out_features
     # the same tokenizer, the verifier's head padded further (Qwen2.5-Coder 0.5B / 1.5B: 151,936 rows; 7B / 32B:
     # 152,064): the drafter never proposes the padding
     if not verifier_vocab - VOCAB_PADDING <= vocab <= verifier_vocab:
