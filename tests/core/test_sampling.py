@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from via_sd_ray.core.sampling import SamplingParams, derive_seed, warp
+from via_sd_ray.core.sampling import SamplingParams, derive_seed, sampled_proposal, top_k_proposal, warp
 from via_sd_ray.errors import InvalidRequest
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # [1, V]
@@ -161,3 +161,15 @@ def test_token_logprobs_are_the_log_softmax_with_top_alternatives():
     assert [i for i, _ in out[0].top] == [0, 1] and out[0].top[0][1] == pytest.approx(float(ref[0, 0]))
     assert [i for i, _ in out[1].top][0] == 2
     assert token_logprobs(logits, [0], top=0)[0].top == ()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=40),
+    SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=1.0, top_p=0.9)],
+    ids=["temperature", "wide-top-k", "narrow-top-k", "top-p"])
+def test_a_sampled_proposal_is_the_renormalised_head_of_the_warped_distribution(params):
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(4)) * 3
+    logits[1, :10] = float("-inf")  # suppressed ids
+    fast, reference = sampled_proposal(logits, params, 16), top_k_proposal(warp(logits, params), 16)
+    assert torch.equal(fast.ids, reference.ids)
+    torch.testing.assert_close(fast.probs, reference.probs, rtol=1e-5, atol=1e-7)

@@ -16,7 +16,8 @@ def test_low_confidence_burst_scales_the_full_verifier_only_and_settles_back(sce
     assert all(p["on_its_node"] for p in record["placement"].values()), record["placement"]
     assert record["errors"] == [] and record["requests"] > 0
     load = [row for row in record["timeline"] if row["phase"] == "load"]
-    assert max(row["FullVerifier"] for row in load) >= 2, (record.get("tier_stats"), record["requests"], record["timeline"])
+    assert max(row["FullVerifier"] for row in load) >= 2, (record.get("tier_stats"), record["requests"],
+                                                            record["timeline"])
     assert max(row["Drafter"] for row in record["timeline"]) == 1, record["timeline"]
     assert max(row["SlimVerifier"] for row in record["timeline"]) == 1, record["timeline"]
     assert record["timeline"][-1] | {"t": 0, "phase": ""} == {

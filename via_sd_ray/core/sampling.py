@@ -163,6 +163,8 @@ class Proposal:
     @staticmethod
     def cat(parts: list[Proposal]) -> Proposal:
         width = max(p.ids.shape[1] for p in parts)
+        if all(p.ids.shape[1] == width for p in parts):  # a drafter's rows: all of one width
+            return Proposal(torch.cat([p.ids for p in parts]), torch.cat([p.probs for p in parts]))
         ids = [torch.nn.functional.pad(p.ids, (0, width - p.ids.shape[1])) for p in parts]
         probs = [torch.nn.functional.pad(p.probs, (0, width - p.probs.shape[1])) for p in parts]
         return Proposal(torch.cat(ids), torch.cat(probs))
@@ -173,6 +175,18 @@ def top_k_proposal(probs: torch.Tensor, k: int) -> Proposal:
     k = probs.shape[-1] if k <= 0 else min(k, probs.shape[-1])
     values, ids = torch.topk(probs, k, dim=-1)  # [N, k], most likely first
     return Proposal(ids, values / values.sum(-1, keepdim=True))
+
+
+def sampled_proposal(logits: torch.Tensor, params: SamplingParams, k: int) -> Proposal:
+    """``top_k_proposal(warp(logits, params), k)`` for sampling ``params`` and raw ``logits`` [N, V]. With a
+    temperature alone (or a top-k cut no narrower than ``k``), that is the softmax of the ``k`` largest
+    logits over the temperature: the same numbers up to rounding, without the whole row's softmax (a
+    drafter's per-token work: 3 kernels instead of 7)."""
+    vocab = logits.shape[-1]
+    if k <= 0 or params.top_p < 1.0 or (params.top_k and params.top_k < min(k, vocab)):
+        return top_k_proposal(warp(logits, params), k)
+    values, ids = torch.topk(logits, min(k, vocab), dim=-1)  # [N, k], most likely first
+    return Proposal(ids, torch.softmax(values.float() / params.temperature, dim=-1))
 
 
 def as_dense(q: torch.Tensor | Proposal | None, vocab: int, device) -> torch.Tensor | None:

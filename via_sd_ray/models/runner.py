@@ -26,7 +26,16 @@ from dataclasses import dataclass
 import torch
 
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
-from via_sd_ray.core.sampling import Proposal, draw, generator, suppress, token_logprobs, top_k_proposal, uniforms, warp
+from via_sd_ray.core.sampling import (
+    Proposal,
+    draw,
+    generator,
+    sampled_proposal,
+    suppress,
+    token_logprobs,
+    uniforms,
+    warp,
+)
 from via_sd_ray.core.verify import Verdict, read_verdict, verify_on_device
 from via_sd_ray.errors import Overloaded
 from via_sd_ray.models.decoder import SHORT_ROW, DecoderStack
@@ -282,14 +291,14 @@ class TierRunner:
             for i, row_logits in zip(active, logits):
                 call, step = calls[i], len(picked[i])
                 masked = suppress(row_logits, banned[i], call.suppress_rows - step)
-                probs = warp(masked, call.params)  # [1, V]
                 if draws[i] is None:
+                    probs = warp(masked, call.params)  # [1, V]
                     token = probs.argmax(dim=-1)  # [1]
                     prob = probs[0, token]
                     if vocab:
                         token = vocab.ids[token]
                 else:
-                    proposal = top_k_proposal(probs, self.proposal_top_k)
+                    proposal = sampled_proposal(masked, call.params, self.proposal_top_k)
                     if vocab:
                         proposal = Proposal(vocab.ids[proposal.ids], proposal.probs)
                     choice = draw(proposal.probs, draws[i][step : step + 1])  # [1]
