@@ -194,17 +194,12 @@ def _draft_vocab(args) -> int:
     draft_vocab.save(args.out, ids, {"tokenizer": cfg.source, "source": f"ShareGPT code answers ({args.split})",
                                      "answers": len(answers), "tokens_counted": counted})
     held_out = code_answers("bench" if args.split == "calibration" else "calibration")[:300]
-    for size in (8192, 16384, 32768, 65536):  # out of sample: answers of the other split
-        print(f"the {size} most frequent ids cover {sum_share(ids, size, tokenizer, held_out):.3f} of the tokens of "
+    tokens = draft_vocab.token_ids(tokenizer, held_out)  # out of sample: answers of the other split
+    for size in (8192, 16384, 32768, 65536):
+        print(f"the {size} most frequent ids cover {draft_vocab.coverage(ids, size, tokens):.3f} of the tokens of "
               f"{len(held_out)} answers of the other split")
     print(f"{len(ids)} ids seen in {counted} tokens of {len(answers)} answers: {args.out}")
     return 0
-
-
-def sum_share(ids: list[int], size: int, tokenizer, texts: list[str]) -> float:
-    keep = set(ids[:size])
-    tokens = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    return sum(t in keep for t in tokens) / max(1, len(tokens))
 
 
 def _models(args) -> int:

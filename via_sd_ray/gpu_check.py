@@ -118,15 +118,21 @@ def fit_layers(pair: tuple[str, str], device: str, dtype: torch.dtype, layers: i
     return {"drafter": drafter["num_hidden_layers"], "verifier": min(want, room, verifier["num_hidden_layers"])}
 
 
+def prefilled(stack: DecoderStack, context: list[int], room: int = 64):
+    """A cache holding ``context`` with ``room`` tokens after it: where the stack runs compiled, slot 0 of its
+    pool (which no generation holds during the measurements), so that its passes run compiled too."""
+    cache = stack.compiled.pool.cache(0) if stack.compiled else stack.new_cache(len(context) + room)
+    stack(context, cache, 1)
+    return cache
+
+
 def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     full, drafter = engine.full.stack, engine.drafter.stack
     n_layers = len(full.layers)
 
     def cost(stack, tokens) -> float:
-        """Seconds of one pass of ``tokens`` after the prefilled ``context`` (compiled where the tier is: in a
-        slot of its pool that no generation holds now)."""
-        cache = stack.compiled.pool.cache(0) if stack.compiled else stack.new_cache(len(context) + 64)
-        stack(context, cache, 1)
+        """Seconds of one pass of ``tokens`` after the prefilled ``context``."""
+        cache = prefilled(stack, context)
 
         def run():
             cache.crop(len(context))
@@ -136,9 +142,7 @@ def call_costs(engine: LocalEngine, context: list[int], device) -> dict:
     def graph_cost(stack) -> float:
         """Seconds of the compiled graph alone on a one-token pass (inputs built once, no host work around)."""
         step = stack.compiled
-        cache = step.pool.cache(0)
-        cache.crop(0)
-        stack(context, cache, 1)
+        cache = prefilled(stack, context)
         ids = torch.tensor([context[-1:]], device=step.device)
         positions = torch.tensor([[len(context)]], device=step.device)
         slots = torch.tensor([cache.slot], device=step.device)
@@ -315,9 +319,7 @@ def profile_draft_tokens(engine: LocalEngine, context: list[int], path: str, tok
     """torch.profiler's table (by self CPU time) of ``tokens`` one-token drafter passes, written to ``path``:
     kernel launches and graph replays per pass, and where the host's time goes."""
     stack = engine.drafter.stack
-    cache = stack.compiled.pool.cache(0) if stack.compiled else stack.new_cache(len(context) + tokens + 8)
-    cache.crop(0)
-    stack(context, cache, 1)
+    cache = prefilled(stack, context)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if stack.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -25,12 +25,21 @@ from torch import nn
 SCHEMA = "via-sd-draft-vocab/1"
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[int]:
+    """The token ids of ``texts``, one after another."""
+    return [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
 def rank(tokenizer, texts: list[str]) -> tuple[list[int], int]:
     """Token ids of ``texts`` by how often they occur (most first, ties by id), and the tokens counted."""
-    counts: Counter[int] = Counter()
-    for text in texts:
-        counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    counts = Counter(token_ids(tokenizer, texts))
     return sorted(counts, key=lambda i: (-counts[i], i)), sum(counts.values())
+
+
+def coverage(ranking: list[int], size: int, tokens: list[int]) -> float:
+    """The share of ``tokens`` among the ``size`` first ids of ``ranking``."""
+    kept = set(ranking[:size])
+    return sum(t in kept for t in tokens) / max(1, len(tokens))
 
 
 def save(path: str | Path, ids: list[int], meta: dict) -> None:

@@ -114,8 +114,8 @@ def load_tokenizer(resolved: ResolvedSource):
     return AutoTokenizer.from_pretrained(resolved.location)
 
 
-def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """Every token id that ends a generation for this model and tokenizer."""
+def eos_token_ids(model, tokenizer=None) -> tuple[int, ...]:
+    """Every token id that ends a generation for this model and tokenizer (None: the model's own alone)."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
@@ -123,7 +123,7 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
             ids.add(value)
         elif value:
             ids.update(value)
-    for token in EXTRA_EOS_TOKENS.get(model.config.model_type, ()):
+    for token in EXTRA_EOS_TOKENS.get(model.config.model_type, ()) if tokenizer is not None else ():
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
             ids.add(token_id)
@@ -190,9 +190,8 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
                 raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                                  "GGUF checkpoint's own blocks are served on CPUs only)")
         if draft_vocab is not None:
-            eos = model.generation_config.eos_token_id if model.generation_config else None
-            eos = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-            narrow_head(model, read_draft_vocab(*draft_vocab, model.get_output_embeddings().out_features, eos))
+            narrow_head(model, read_draft_vocab(*draft_vocab, model.get_output_embeddings().out_features,
+                                                eos_token_ids(model)))
         scheme = {"bf16": "none", "gguf": "none", "int8": "int8-weight-only", "int4": "int4-weight-only"}[precision]
         model = kernels.apply(quantize(model, scheme), linear_kernel)
         if int8_activations:

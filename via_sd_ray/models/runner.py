@@ -82,7 +82,7 @@ class TierRunner:
         self.prefill_chunk = prefill_chunk
         self.proposal_top_k = proposal_top_k
         # a drafter whose LM head scores a frequency-ranked subset of the vocabulary (models/draft_vocab.py)
-        self.draft_vocab = getattr(stack.hf_model, "draft_vocab", None) if hasattr(stack, "hf_model") else None
+        self.draft_vocab = getattr(getattr(stack, "hf_model", None), "draft_vocab", None)
         self.host_steps = stack.device.type == "cpu" if host_steps is None else host_steps
         self.prefix_min_tokens = None if getattr(stack, "mirrored", False) else prefix_min_tokens
         self.caches: dict[str, KVCache] = {}  # running generations
