@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.core.distribution import empirical, tv_bound, tv_distance
-from via_sd_ray.core.sampling import SamplingParams, draw, generator, top_k_proposal, warp
+from via_sd_ray.core.sampling import SamplingParams, draw, exponentials, generator, race, top_k_proposal, warp
 from via_sd_ray.core.verify import verify
 
 V = 8
@@ -166,6 +166,18 @@ def test_draw_follows_the_weights_and_never_picks_a_zero_weight_token():
     samples = draw(weights.expand(n, -1), u).tolist()
     assert set(samples) <= {1, 3, 4}
     assert tv_distance(empirical(samples, V), weights[0] / weights.sum()) < tv_bound(V, n)
+
+
+def test_an_exponential_race_follows_the_weights_and_never_picks_a_zero_weight_token():
+    """How a drafter draws its token from the proposal it ships: argmax(probs / Exp(1)) per row."""
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]])  # unnormalised
+    n = 20_000
+    samples = race(weights.expand(n, -1), exponentials(generator(5), (n, V), "cpu"))[:, 0].tolist()
+    assert set(samples) <= {1, 3, 4}
+    assert tv_distance(empirical(samples, V), weights[0] / weights.sum()) < tv_bound(V, n)
+    # seeded: the same draws wherever a call runs
+    assert torch.equal(exponentials(generator(9), (3, 4), "cpu"), exponentials(generator(9), (3, 4), "cpu"))
+    assert bool((exponentials(generator(9), (64, 64), "cpu") > 0).all())
 
 
 def test_top_k_proposal_is_the_renormalised_head():

@@ -61,7 +61,8 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.softmax(logits, dim=-1)
-    logits = logits / params.temperature
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [N, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -127,6 +128,20 @@ def uniforms(gen: torch.Generator, n: int, device: torch.device | str) -> torch.
     return torch.rand(n, generator=gen, device="cpu", dtype=torch.float64).to(device)
 
 
+def exponentials(gen: torch.Generator, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """Exp(1) draws of ``shape`` from the seeded host generator, as float32 on ``device`` (the same draws on every
+    device). Drawn in float64 and kept above 0, so no race divides by 0."""
+    draws = torch.empty(shape, dtype=torch.float64, device="cpu").exponential_(generator=gen).clamp_min_(1e-30)
+    return draws.to(device=device, dtype=torch.float32)
+
+
+def race(probs: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """One index [N, 1] per row of ``probs`` [N, W] (weights >= 0), the row's ``argmax(probs / exp)`` for Exp(1)
+    draws ``exp`` [N, W] or [W]: index i wins with probability probs_i / sum(probs) (an exponential race, as the
+    Gumbel-max trick). Two kernels on the device, no cumulative sum or search."""
+    return (probs / exp).argmax(dim=-1, keepdim=True)
+
+
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` [N, V] (unnormalised weights, >= 0) by inverse CDF at ``u`` [N]:
     the index [N] whose cumulative weight first exceeds ``u`` times the row's total. Runs where ``probs``
@@ -186,7 +201,8 @@ def sampled_proposal(logits: torch.Tensor, params: SamplingParams, k: int) -> Pr
     if k <= 0 or params.top_p < 1.0 or (params.top_k and params.top_k < min(k, vocab)):
         return top_k_proposal(warp(logits, params), k)
     values, ids = torch.topk(logits, min(k, vocab), dim=-1)  # [N, k], most likely first
-    return Proposal(ids, torch.softmax(values.float() / params.temperature, dim=-1))
+    values = values.float()
+    return Proposal(ids, torch.softmax(values if params.temperature == 1.0 else values / params.temperature, dim=-1))
 
 
 def as_dense(q: torch.Tensor | Proposal | None, vocab: int, device) -> torch.Tensor | None:

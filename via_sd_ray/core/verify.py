@@ -13,9 +13,10 @@ d[0], ..., d[K-1] and the token after the block:
   probabilities (prompt lookup) proposes with a one-hot q; a sampling drafter ships its q as a
   sparse ``Proposal`` (the top-k rows it drew from), which is exact for the same reason.
 
-Everything runs where the logits lie (``verify_on_device``); a verdict is read back in one host
-transfer of a few numbers per block (``read_verdict``), which a batched tier call concatenates
-over its rows.
+The work over the vocabulary runs where the logits lie (``verify_on_device``: argmaxes, or the
+residual draws and the block tokens' probabilities); those few numbers per block are read back in
+one host transfer, which a batched tier call concatenates over its rows, and the accepted length is
+decided from them on the host (``read_verdict``), where the acceptance draws already are.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ class Verdict:
         return list(block[: self.accepted]) + [self.next_token]
 
 
+@dataclass
+class OnDevice:
+    """A verdict as far as it is decided where the logits lie: ``parts``, device tensors read back in the tier
+    call's one transfer (as float32, which holds token ids below 2**24 exactly), and what stays on the host:
+    the sampled acceptance draws, compared with the read-back probabilities there (a few numbers, so the
+    device runs no accept/reject bookkeeping), and the verifier's distributions when asked for."""
+
+    parts: list[torch.Tensor]
+    proposal: Proposal | None = None
+    u_accept: list[float] | None = None  # sampled: one uniform per block token
+
+    @property
+    def size(self) -> int:
+        """How many numbers ``parts`` hold (their shapes are known without waiting for the device)."""
+        return sum(part.numel() for part in self.parts)
+
+
 def verify(
     block: list[int],
     logits: torch.Tensor,  # [K + 1, V]
@@ -66,9 +84,11 @@ def verify(
 ) -> Verdict:
     """``verify_on_device`` and ``read_verdict`` for one block. ``suppress_ids`` are impossible in the first
     ``suppress_rows`` positions (min_tokens); logprobs are of the raw logits, as OpenAI's and vLLM's."""
-    packed, proposal = verify_on_device(block, logits, params, draft_probs, gen, return_probs, suppress_ids,
-                                        suppress_rows, proposal_top_k)
-    return read_verdict(block, packed.tolist(), params, proposal, logits)
+    on_device = verify_on_device(block, logits, params, draft_probs, gen, return_probs, suppress_ids,
+                                 suppress_rows, proposal_top_k)
+    values = torch.cat([part.float() for part in on_device.parts]).tolist()
+    proposal = None if on_device.proposal is None else on_device.proposal.to("cpu")
+    return read_verdict(block, values, params, on_device, proposal, logits)
 
 
 def verify_on_device(
@@ -81,9 +101,12 @@ def verify_on_device(
     suppress_ids: tuple[int, ...] = (),
     suppress_rows: int = 0,
     proposal_top_k: int = 0,
-) -> tuple[torch.Tensor, Proposal | None]:
-    """The verdict as a flat float64 tensor on the logits' device, [accepted, next_token, confidence 0..K],
-    and (``return_probs``) the verifier's distributions at every position as a proposal on that device.
+) -> OnDevice:
+    """The verdict's device work: greedy, each position's argmax and confidence ([K + 1] each); sampled, each
+    position's recovered (or, at K, bonus) token drawn from the residual, the confidences, and the target's and
+    the proposal's probability of each block token ([K] each; the last left out for a one-hot proposal).
+    ``read_verdict`` decides the accepted length from them on the host. ``return_probs``: the verifier's
+    distributions at every position as a proposal on the device.
 
     ``return_probs`` with ``proposal_top_k`` > 0 makes the target the renormalised top-k of the warped
     distribution (the slim tier's, when its verdict goes on to the full verifier as a proposal): its
@@ -97,28 +120,37 @@ def verify_on_device(
         proposal = top_k_proposal(probs, proposal_top_k)
         if proposal_top_k > 0 and not params.greedy:
             probs = proposal.dense(probs.shape[-1])
-    ids = torch.tensor(block, dtype=torch.long, device=device)  # [K]
+    confidence = probs.amax(dim=-1)  # [K + 1]
     if params.greedy:
-        choice = logits.argmax(dim=-1)  # [K + 1]
-        accepted = (choice[:k] == ids).cumprod(0).sum()
-        next_token = choice[accepted]
+        return OnDevice([logits.argmax(dim=-1), confidence], proposal)
+    assert gen is not None, "sampled verification needs a generator"
+    u = uniforms(gen, 2 * k + 1, "cpu")  # one per block token (acceptance), then one per position (its token)
+    ids = torch.tensor(block, dtype=torch.long, device=device)  # [K]
+    tokens, p_tok, q_tok = _rejection_sample(ids, probs, as_dense(draft_probs, probs.shape[-1], device),
+                                             u[k:].to(device))
+    return OnDevice([tokens, confidence, p_tok] + ([] if q_tok is None else [q_tok]), proposal, u[:k].tolist())
+
+
+def read_verdict(block: list[int], values: list[float], params: SamplingParams, on_device: OnDevice,
+                 proposal: Proposal | None = None, raw_logits: torch.Tensor | None = None) -> Verdict:
+    """The verdict from ``on_device``'s numbers, read back on the host (``values``, its parts in order):
+    greedy, a block token is accepted while it equals the argmax; sampled, while ``u * q(d) < p(d)`` (the
+    same float64 comparison the device would make). ``proposal``: the verifier's distributions, already on
+    the host; ``raw_logits``: for logprobs (their own transfer, only when ``params.logprobs`` asks for them)."""
+    k = len(block)
+    tokens, confidence = values[: k + 1], values[k + 1 : 2 * k + 2]
+    if params.greedy:
+        accepted = next((i for i in range(k) if int(tokens[i]) != block[i]), k)
     else:
-        assert gen is not None, "sampled verification needs a generator"
-        accepted, next_token = _rejection_sample(ids, probs, as_dense(draft_probs, probs.shape[-1], device), gen)
-    header = torch.stack([accepted, next_token]).double()
-    return torch.cat([header, probs.max(dim=-1).values.double()]), proposal
-
-
-def read_verdict(block: list[int], packed: list[float], params: SamplingParams, proposal: Proposal | None = None,
-                 raw_logits: torch.Tensor | None = None) -> Verdict:
-    """The verdict of ``verify_on_device`` from its packed numbers, read back on the host. ``proposal``:
-    its distributions, already on the host; ``raw_logits``: for logprobs (their own transfer, only when
-    ``params.logprobs`` asks for them)."""
-    accepted, next_token = int(packed[0]), int(packed[1])
+        p_tok = values[2 * k + 2 : 3 * k + 2]
+        q_tok = values[3 * k + 2 : 4 * k + 2] or [1.0] * k  # a one-hot proposal: q(d) = 1
+        u = on_device.u_accept
+        accepted = next((i for i in range(k) if not u[i] * q_tok[i] < p_tok[i]), k)
+    next_token = int(tokens[accepted])
     return Verdict(
         accepted=accepted,
         next_token=next_token,
-        confidence=list(packed[2 : 3 + accepted]),
+        confidence=confidence[: accepted + 1],
         probs=None if proposal is None else proposal[: accepted + 1],
         logprobs=None if params.logprobs is None else token_logprobs(
             raw_logits, list(block[:accepted]) + [next_token], params.logprobs),
@@ -126,23 +158,21 @@ def read_verdict(block: list[int], packed: list[float], params: SamplingParams, 
 
 
 def _rejection_sample(
-    ids: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accepted length and next token (0-dim tensors on p's device) of the block ``ids`` [K] drawn from
-    ``q`` [K, V] (None: one-hot), against the target ``p`` [K + 1, V]. Always 2K + 1 draws from ``gen``:
-    one uniform per block token, one per position for its recovered (or, at K, bonus) token."""
-    k, device = ids.shape[0], p.device
-    u_accept, u_token = uniforms(gen, k, device), uniforms(gen, k + 1, device)
-    rows = torch.arange(k, device=device)
-    p_tok = p[rows, ids]  # [K]
+    ids: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, u_token: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For the block ``ids`` [K] drawn from ``q`` [K, V] (None: one-hot) against the target ``p`` [K + 1, V]:
+    each position's recovered token, drawn from the normalised residual ``max(0, p - q)`` at ``u_token`` [K + 1]
+    (at K, the bonus token, drawn from ``p``), and ``p(d)``, ``q(d)`` of the block tokens ([K] each; ``q(d)``
+    None for a one-hot ``q``, where it is 1)."""
+    k = ids.shape[0]
+    at, head = ids[:, None], p[:k]  # [K, 1], [K, V]
+    p_tok = head.gather(1, at).view(k)
     if q is None:
-        q_tok = torch.ones_like(p_tok)
-        residual = p[:k].scatter(-1, ids[:, None], 0.0)  # [K, V]: the rejected token's mass removed
+        q_tok = None
+        residual = head.scatter(-1, at, 0.0)  # [K, V]: the rejected token's mass removed
     else:
-        q_tok = q[rows, ids]
-        residual = (p[:k] - q).clamp_min(0.0)
+        q_tok = q.gather(1, at).view(k)
+        residual = (head - q).clamp_min_(0.0)
     # p == q up to rounding leaves nothing to correct towards: recover from p itself
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:k])
-    accepted = (u_accept * q_tok < p_tok).cumprod(0).sum()
-    candidates = draw(torch.cat([residual, p[k:]]), u_token)  # [K + 1]: each position's recovered / bonus token
-    return accepted, candidates[accepted]
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, head)
+    return draw(torch.cat([residual, p[k:]]), u_token), p_tok, q_tok

@@ -129,7 +129,7 @@ class DecoderStack(nn.Module):
         if len(token_lists) == 1:
             row = token_lists[0]
             ids = row if isinstance(row, torch.Tensor) else torch.tensor(row, dtype=torch.long, device=device)
-            positions = torch.arange(starts[0], starts[0] + lengths[0], device=device)
+            positions = range(starts[0], starts[0] + lengths[0])
         else:
             ids = torch.cat([t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.long, device=device)
                              for t in token_lists])  # [N]: the rows packed
@@ -151,8 +151,9 @@ class DecoderStack(nn.Module):
             at = slice(len(hidden) - len(wanted), None)
         else:
             at = torch.tensor(wanted, device=device)
-        rows = hidden[at] if residual is None else hidden[at] + residual[at]
-        logits = self.head(self.final_norm(rows, self.fused_cpu_ops)).float()  # [sum(num_logits), V]
+        # the last layer's output added into the rows by the norm, as every layer's input norm adds its own
+        logits = self.head(self.final_norm(hidden[at], self.fused_cpu_ops, None if residual is None else residual[at]))
+        logits = logits.float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
 
 

@@ -2,7 +2,7 @@
 
 transformers' layer ``forward`` runs ~60 small ops and as many Python calls a layer; for a small model
 (or a GPU at batch 1) that, not the arithmetic, is the cost of a pass. A ``LayerPlan`` looks the layer's
-modules up once and calls the cheapest form of each: a float ``nn.Linear`` as ``F.linear`` on its weight,
+modules up once and calls the cheapest form of each: a float ``nn.Linear`` as the ``mm`` it runs (``rows_linear``),
 our own layers' ``forward`` directly, anything else (tensor-parallel layers that all-reduce, oneDNN ones)
 through its ``__call__``. With the fused projections of ``quant.fuse_projections`` (q / k / v in one call,
 gate / up with SiLU in one), the C++ norm, rotary and attention ops of ``models/qmm.py`` on CPUs and a
@@ -12,26 +12,37 @@ table of rotary angles, a decode step of a layer is ~10 calls.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from via_sd_ray.models import qmm
-from via_sd_ray.models.quant import FusedLinear, PackedLinear, SwiGLU
+from via_sd_ray.models.quant import FusedLinear, FusedSwiGLU, PackedLinear, SwiGLU
 
 # rotary variants whose angles depend only on the position (not on the sequence length): tabulated
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def cheapest(module: nn.Module):
-    """``module`` as the cheapest callable computing its forward."""
-    if type(module) is nn.Linear:
-        weight, bias = module.weight, module.bias
-        return lambda x: F.linear(x, weight, bias)
+    """``module`` as the cheapest callable computing its forward of rows [N, in]."""
+    if type(module) in (nn.Linear, FusedLinear):
+        return rows_linear(module.weight, module.bias)
+    if type(module) is FusedSwiGLU:
+        linear = rows_linear(module.weight, module.bias)
+        return lambda x: FusedSwiGLU.activate(linear(x))
     if isinstance(module, (PackedLinear, FusedLinear, SwiGLU)):
         return module.forward  # no hooks are registered on these
     # others (DeepSpeed's tensor-parallel layers slice their input as [B, T, H]) get the batch dimension
     # transformers' layers give them
     return lambda x: module(x[None])[0]
+
+
+def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """``F.linear`` of rows [N, in] as the one kernel it dispatches to (``mm`` / ``addmm`` of the transposed
+    weight, bit for bit), without ``linear``'s and ``matmul``'s dispatch on the way: ~4 us a call on a CPU, as
+    many of host time a projection at batch 1 on a GPU."""
+    transposed = weight.t()
+    if bias is None:
+        return lambda x: torch.mm(x, transposed)
+    return lambda x: torch.addmm(bias, x, transposed)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,8 +79,14 @@ class RotaryTable:
         self.static = getattr(rotary_emb, "rope_type", "default") in STATIC_ROPE
         self.cos = self.sin = None
 
-    def at(self, positions: torch.Tensor, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, D] of ``positions`` [N] (all below ``end``), in ``like``'s dtype."""
+    def at(self, positions: torch.Tensor | range, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, D] of ``positions`` [N] (all below ``end``; a ``range``: consecutive ones, looked up as
+        views), in ``like``'s dtype."""
+        if isinstance(positions, range):
+            if not self.static:
+                positions = torch.arange(positions.start, positions.stop, device=like.device)
+            else:
+                positions = slice(positions.start, positions.stop)
         if not self.static:
             cos, sin = self.rotary_emb(like[None], position_ids=positions[None])
             return cos[0], sin[0]

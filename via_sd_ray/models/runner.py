@@ -28,12 +28,12 @@ import torch
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
 from via_sd_ray.core.sampling import (
     Proposal,
-    draw,
+    exponentials,
     generator,
+    race,
     sampled_proposal,
     suppress,
     token_logprobs,
-    uniforms,
     warp,
 )
 from via_sd_ray.core.verify import Verdict, read_verdict, verify_on_device
@@ -228,7 +228,9 @@ class TierRunner:
         return self._run(calls, self._verify_batch, partial)
 
     def _run(self, calls: list, run, partial: bool) -> list:
-        with self._lock:
+        # inference mode for the whole call, not only its passes: its picking and verification ops then skip
+        # autograd's version counters too (~20 us of a tiny model's sampled verify call)
+        with self._lock, torch.inference_mode():
             results = _by_unique_generation(calls, run)
             while True:  # a catch-up that ran ahead without only its last token ends now, partial or not
                 again = [i for i, r in enumerate(results) if r is PENDING and (not partial or self._one_left(calls[i]))]
@@ -275,52 +277,52 @@ class TierRunner:
         self.stats.forward_tokens += sum(len(r) for r in rows)
         self.stats.prefill_chunks += sum(chunked)
         device = self.stack.device
-        draws = {i: None if c.params.greedy else uniforms(generator(c.seed), c.k, device)
-                 for i, c in enumerate(calls) if not chunked[i]}
-        picked: dict[int, list[torch.Tensor]] = {i: [] for i in draws}  # per row: [2] token, prob per position
-        proposals: dict[int, list[Proposal]] = {i: [] for i in draws}
-        raw: dict[int, list[torch.Tensor]] = {i: [] for i in draws}  # [1, V] logits per position (logprobs)
-        active = list(draws)
+        active = [i for i in range(len(calls)) if not chunked[i]]
+        gens = {i: generator(calls[i].seed) for i in active if not calls[i].params.greedy}
+        races: dict[int, torch.Tensor] = {}  # per sampled row: Exp(1) draws [k, W], drawn at its first position
+        tokens: dict[int, list[torch.Tensor]] = {i: [] for i in active}  # per row: a [1] token per position
+        probs: dict[int, list[torch.Tensor]] = {i: [] for i in active}  # per row: its [1] probability
+        proposals: dict[int, list[Proposal]] = {i: [] for i in gens}
+        raw: dict[int, list[torch.Tensor]] = {i: [] for i in active}  # [1, V] logits per position (logprobs)
         logits = [logits[i] for i in active]
         host_steps = self.host_steps and any(c.stop_threshold > 0 for c in calls)
         start = {i: len(caches[i]) for i in active}  # where the cache records its draft tokens
         vocab = self.draft_vocab  # a narrowed head: its rows are these vocabulary ids
         banned = {i: vocab.rows(calls[i].suppress_ids) if vocab else calls[i].suppress_ids for i in active}
         while active:
-            tokens_now = []
             for i, row_logits in zip(active, logits):
-                call, step = calls[i], len(picked[i])
+                call, step = calls[i], len(tokens[i])
                 masked = suppress(row_logits, banned[i], call.suppress_rows - step)
-                if draws[i] is None:
-                    probs = warp(masked, call.params)  # [1, V]
-                    token = probs.argmax(dim=-1)  # [1]
-                    prob = probs[0, token]
+                if i not in gens:
+                    prob, token = warp(masked, call.params).max(dim=-1)  # [1] each
                     if vocab:
                         token = vocab.ids[token]
-                else:
+                else:  # the block's token drawn from the proposal it ships, by an exponential race over its ids
                     proposal = sampled_proposal(masked, call.params, self.proposal_top_k)
                     if vocab:
                         proposal = Proposal(vocab.ids[proposal.ids], proposal.probs)
-                    choice = draw(proposal.probs, draws[i][step : step + 1])  # [1]
-                    token, prob = proposal.ids[0, choice], proposal.probs[0, choice]
+                    if step == 0:
+                        races[i] = exponentials(gens[i], (call.k, proposal.ids.shape[1]), device)
+                    choice = race(proposal.probs, races[i][step])  # [1, 1]
+                    token, prob = proposal.ids.gather(1, choice).view(1), proposal.probs.gather(1, choice).view(1)
                     proposals[i].append(proposal)
-                picked[i].append(torch.cat([token.double(), prob.double()]))
+                tokens[i].append(token)
+                probs[i].append(prob)
                 if call.params.logprobs is not None:
                     raw[i].append(vocab.widen(row_logits) if vocab else row_logits)
-                tokens_now.append(token)
             if host_steps:  # no transfer: the device is the host
-                last = torch.stack([picked[i][-1] for i in active]).tolist()
-                going = [i for i, (_, p) in zip(active, last)
-                         if len(picked[i]) < calls[i].k and p >= calls[i].stop_threshold]
+                last = torch.cat([probs[i][-1] for i in active]).tolist()
+                going = [i for i, p in zip(active, last)
+                         if len(tokens[i]) < calls[i].k and p >= calls[i].stop_threshold]
             else:
-                going = [i for i in active if len(picked[i]) < calls[i].k]
+                going = [i for i in active if len(tokens[i]) < calls[i].k]
             if not going:
                 break
-            feed = [tokens_now[active.index(i)] for i in going]
+            feed = [tokens[i][-1] for i in going]
             logits = self.stack.forward_batch(feed, [caches[i] for i in going], [1] * len(going))
             self.stats.forward_tokens += len(going)
             active = going
-        drafts = self._read_drafts(calls, picked, proposals)
+        drafts = self._read_drafts(calls, tokens, probs, proposals)
         for i, (draft, ran) in drafts.items():
             caches[i].fill(start[i], ran)  # the draft tokens the cache holds, now known on the host
             if len(ran) > len(draft.tokens) - 1:  # drafted past an early stop: keep only what the block holds
@@ -330,27 +332,27 @@ class TierRunner:
                                                 calls[i].params.logprobs)
         return [PENDING if chunked[i] else drafts[i][0] for i in range(len(calls))]
 
-    def _read_drafts(self, calls: list[DraftCall], picked: dict, proposals: dict
+    def _read_drafts(self, calls: list[DraftCall], tokens: dict, probs: dict, proposals: dict
                      ) -> dict[int, tuple[Draft, list[int]]]:
-        """The drafts of ``picked`` (per row, a [2] device tensor per position) read back in one transfer,
-        each with the tokens that ran through the stack (all drafted tokens but the last)."""
+        """The drafts of ``tokens`` and ``probs`` (per row, a [1] device tensor per position) read back in one
+        transfer, each with the tokens that ran through the stack (all drafted tokens but the last)."""
         back = _ReadBack()
-        props = {i: Proposal.cat(proposals[i]) for i in picked if proposals[i]}
-        for i in picked:
-            back.add(torch.stack(picked[i]))
+        props = {i: Proposal.cat(proposals[i]) for i in tokens if proposals.get(i)}
+        for i in tokens:
+            back.add(torch.cat(tokens[i]))
+            back.add(torch.cat(probs[i]))
             if i in props:
                 back.add_proposal(props[i])
         back.fetch()
         drafts = {}
-        for i in picked:
-            n = len(picked[i])
-            values = back.take(2 * n).view(n, 2)
-            tokens, token_probs = [int(t) for t in values[:, 0].tolist()], values[:, 1].tolist()
+        for i in tokens:
+            n = len(tokens[i])
+            ids, token_probs = [int(t) for t in back.take(n).tolist()], back.take(n).tolist()
             keep = _cut(token_probs, calls[i].stop_threshold)
-            draft = Draft(tokens[:keep], token_probs[:keep])
+            draft = Draft(ids[:keep], token_probs[:keep])
             if i in props:
                 draft.probs = back.take_proposal(props[i])[:keep]
-            drafts[i] = (draft, tokens[: n - 1])
+            drafts[i] = (draft, ids[: n - 1])
         return drafts
 
     def _verify_batch(self, calls: list[VerifyCall]) -> list[Verdict | Pending]:
@@ -364,24 +366,25 @@ class TierRunner:
         self.stats.forward_tokens += sum(len(r) for r in rows)
         self.stats.prefill_chunks += sum(chunked)
         done = [i for i in range(len(calls)) if not chunked[i]]  # a prefill chunk ran for the others: no logits
-        back, proposals = _ReadBack(), {}
+        back, on_device = _ReadBack(), {}
         for i in done:
             call = calls[i]
             gen = None if call.params.greedy else generator(call.seed)
-            flat, proposal = verify_on_device(blocks[i], logits[i], call.params, call.draft_probs, gen,
-                                              call.return_probs, call.suppress_ids, call.suppress_rows,
-                                              self.proposal_top_k)
-            back.add(flat)
-            if proposal is not None:
-                proposals[i] = proposal
-                back.add_proposal(proposal)
+            on_device[i] = verify_on_device(blocks[i], logits[i], call.params, call.draft_probs, gen,
+                                            call.return_probs, call.suppress_ids, call.suppress_rows,
+                                            self.proposal_top_k)
+            for part in on_device[i].parts:
+                back.add(part)
+            if on_device[i].proposal is not None:
+                back.add_proposal(on_device[i].proposal)
         back.fetch()
         verdicts: list[Verdict | Pending] = [PENDING] * len(calls)
         for i in done:
-            call = calls[i]
-            values = back.take(len(blocks[i]) + 3).tolist()
-            proposal = back.take_proposal(proposals[i]) if i in proposals else None
-            verdict = read_verdict(blocks[i], values, call.params, proposal, logits[i])
+            call, verdict_on_device = calls[i], on_device[i]
+            values = back.take(verdict_on_device.size).tolist()
+            proposal = verdict_on_device.proposal
+            proposal = None if proposal is None else back.take_proposal(proposal)
+            verdict = read_verdict(blocks[i], values, call.params, verdict_on_device, proposal, logits[i])
             synced[i][0].crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
             verdicts[i] = verdict
         return verdicts
@@ -416,15 +419,16 @@ class _ReadBack:
         self.offset = 0
 
     def add(self, tensor: torch.Tensor) -> None:
-        self.parts.append(tensor.flatten().double())  # float64 holds token ids exactly
+        # float32 holds token ids exactly (below 2**24: every vocabulary is), and probabilities as computed
+        self.parts.append((tensor if tensor.dim() == 1 else tensor.flatten()).float())
 
     def add_proposal(self, proposal: Proposal) -> None:
         self.add(proposal.ids)
         self.add(proposal.probs)
 
     def fetch(self) -> None:
-        if self.parts:
-            self.host = torch.cat(self.parts).cpu()  # the one device -> host transfer of the call
+        if self.parts:  # the one device -> host transfer of the call
+            self.host = (self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)).cpu()
 
     def take(self, n: int) -> torch.Tensor:
         out = self.host[self.offset : self.offset + n]
