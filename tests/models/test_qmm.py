@@ -174,6 +174,39 @@ def test_rms_norm_equals_the_module_and_adds_the_residual_in_place():
         assert torch.allclose(got.float(), norm(x + residual).float(), atol=tol * 4)
 
 
+@pytest.mark.parametrize("proposal", ["sparse", "dense", "one-hot"])
+def test_residual_draws_are_the_torch_rejection_draws_bit_for_bit(proposal):
+    """The fused op draws the same recovered and bonus tokens as ``core.verify.rejection_draws`` for the same
+    uniforms, including rows where p == q leaves no residual (recovered from p) and uniforms near 0 and 1."""
+    from via_sd_ray.core.sampling import top_k_proposal
+    from via_sd_ray.core.verify import rejection_draws
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        k, vocab = trial % 6, 37 + trial
+        p = torch.softmax(torch.randn(k + 1, vocab, generator=gen) * 3, dim=-1)
+        q = None
+        if proposal == "sparse":
+            q = top_k_proposal(torch.softmax(torch.randn(k, vocab, generator=gen) * 3, dim=-1), 8)
+            if k > 1:  # a row where the target is the proposal: its residual is all zero
+                p[1] = q.dense(vocab)[1]
+            at = torch.stack([row[torch.randint(0, 8, (1,), generator=gen)] for row in q.ids]) if k else None
+        else:
+            if proposal == "dense":
+                q = torch.softmax(torch.randn(k, vocab, generator=gen) * 3, dim=-1)
+                if k > 1:
+                    p[1] = q[1]
+            at = torch.randint(0, vocab, (k, 1), generator=gen)
+        if at is None:
+            at = torch.empty((0, 1), dtype=torch.long)
+        u = torch.rand(k + 1, generator=gen, dtype=torch.float64)
+        u[0] = [0.0, 1 - 2**-53, 0.5][trial % 3]
+        want = rejection_draws(at, p, q, u)
+        got = qmm.residual_draws(at, p, q, u)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert (got[2] is None) == (want[2] is None) and (got[2] is None or torch.equal(got[2], want[2]))
+
+
 def test_a_fused_int4_model_decodes_as_the_unfused_one():
     """fuse_projections changes which calls compute a layer, not what they compute: the same packed weights
     give the same logits, the q / k / v layers keep working (their weights are views of the fused one), and

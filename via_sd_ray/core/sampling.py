@@ -53,12 +53,22 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 (itself where it is: a tier call's hot path skips the no-op conversion's dispatch)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device`` (itself where it is, without a dispatch)."""
+    return x if x.device == torch.device(device) else x.to(device)
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p applied to ``logits`` [N, V]; returns float32 probabilities [N, V].
 
     Greedy parameters give the plain softmax (used as a confidence, never sampled from).
     """
-    logits = logits.float()
+    logits = as_float32(logits)
     if params.greedy:
         return torch.softmax(logits, dim=-1)
     if params.temperature != 1.0:
@@ -125,7 +135,7 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
 def uniforms(gen: torch.Generator, n: int, device: torch.device | str) -> torch.Tensor:
     """``n`` uniform draws in [0, 1) [n] from the seeded host generator, on ``device``: the same draws on
     every device, so a seeded generation gives the same tokens whichever replica runs a call."""
-    return torch.rand(n, generator=gen, device="cpu", dtype=torch.float64).to(device)
+    return to_device(torch.rand(n, generator=gen, device="cpu", dtype=torch.float64), device)
 
 
 def exponentials(gen: torch.Generator, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
@@ -147,8 +157,8 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     the index [N] whose cumulative weight first exceeds ``u`` times the row's total. Runs where ``probs``
     lies, without a host round trip."""
     cdf = torch.cumsum(probs.double(), dim=-1)  # [N, V]
-    target = (u.double() * cdf[:, -1]).unsqueeze(-1)  # [N, 1]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    target = u.to(torch.float64)[:, None] * cdf[:, -1:]  # [N, 1]
+    return torch.searchsorted(cdf, target, right=True).view(-1).clamp_max_(probs.shape[-1] - 1)
 
 
 @dataclass
@@ -168,12 +178,14 @@ class Proposal:
         return Proposal(self.ids[rows], self.probs[rows])
 
     def to(self, device: torch.device | str) -> Proposal:
+        if self.ids.device == torch.device(device):
+            return self
         return Proposal(self.ids.to(device), self.probs.to(device))
 
     def dense(self, vocab: int) -> torch.Tensor:
         """The rows as full distributions [N, V] (on the proposal's device)."""
         out = torch.zeros((len(self), vocab), dtype=torch.float32, device=self.ids.device)
-        return out.scatter_(-1, self.ids, self.probs.float())
+        return out.scatter_(-1, self.ids, as_float32(self.probs))
 
     @staticmethod
     def cat(parts: list[Proposal]) -> Proposal:
@@ -201,7 +213,7 @@ def sampled_proposal(logits: torch.Tensor, params: SamplingParams, k: int) -> Pr
     if k <= 0 or params.top_p < 1.0 or (params.top_k and params.top_k < min(k, vocab)):
         return top_k_proposal(warp(logits, params), k)
     values, ids = torch.topk(logits, min(k, vocab), dim=-1)  # [N, k], most likely first
-    values = values.float()
+    values = as_float32(values)
     return Proposal(ids, torch.softmax(values if params.temperature == 1.0 else values / params.temperature, dim=-1))
 
 

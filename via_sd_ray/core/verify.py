@@ -30,8 +30,10 @@ from via_sd_ray.core.sampling import (
     SamplingParams,
     TokenLogprob,
     as_dense,
+    as_float32,
     draw,
     suppress,
+    to_device,
     token_logprobs,
     top_k_proposal,
     uniforms,
@@ -86,7 +88,7 @@ def verify(
     ``suppress_rows`` positions (min_tokens); logprobs are of the raw logits, as OpenAI's and vLLM's."""
     on_device = verify_on_device(block, logits, params, draft_probs, gen, return_probs, suppress_ids,
                                  suppress_rows, proposal_top_k)
-    values = torch.cat([part.float() for part in on_device.parts]).tolist()
+    values = torch.cat([as_float32(part) for part in on_device.parts]).tolist()
     proposal = None if on_device.proposal is None else on_device.proposal.to("cpu")
     return read_verdict(block, values, params, on_device, proposal, logits)
 
@@ -101,6 +103,7 @@ def verify_on_device(
     suppress_ids: tuple[int, ...] = (),
     suppress_rows: int = 0,
     proposal_top_k: int = 0,
+    draws=None,
 ) -> OnDevice:
     """The verdict's device work: greedy, each position's argmax and confidence ([K + 1] each); sampled, each
     position's recovered (or, at K, bonus) token drawn from the residual, the confidences, and the target's and
@@ -110,7 +113,8 @@ def verify_on_device(
 
     ``return_probs`` with ``proposal_top_k`` > 0 makes the target the renormalised top-k of the warped
     distribution (the slim tier's, when its verdict goes on to the full verifier as a proposal): its
-    committed tokens are then exact samples of the distribution it ships."""
+    committed tokens are then exact samples of the distribution it ships. ``draws``: a fused form of
+    ``rejection_draws`` (the same arguments and results, e.g. ``models.qmm.residual_draws`` on CPUs)."""
     k, device = len(block), logits.device
     assert logits.shape[0] == k + 1, (logits.shape, k)
     logits = suppress(logits, suppress_ids, suppress_rows)
@@ -125,9 +129,9 @@ def verify_on_device(
         return OnDevice([logits.argmax(dim=-1), confidence], proposal)
     assert gen is not None, "sampled verification needs a generator"
     u = uniforms(gen, 2 * k + 1, "cpu")  # one per block token (acceptance), then one per position (its token)
-    ids = torch.tensor(block, dtype=torch.long, device=device)  # [K]
-    tokens, p_tok, q_tok = _rejection_sample(ids, probs, as_dense(draft_probs, probs.shape[-1], device),
-                                             u[k:].to(device))
+    ids = torch.tensor([[token] for token in block] or torch.empty((0, 1)), dtype=torch.long, device=device)
+    q = draft_probs.to(device) if isinstance(draft_probs, Proposal) else as_dense(draft_probs, probs.shape[-1], device)
+    tokens, p_tok, q_tok = (draws or rejection_draws)(ids, probs, q, to_device(u[k:], device))
     return OnDevice([tokens, confidence, p_tok] + ([] if q_tok is None else [q_tok]), proposal, u[:k].tolist())
 
 
@@ -157,20 +161,21 @@ def read_verdict(block: list[int], values: list[float], params: SamplingParams, 
     )
 
 
-def _rejection_sample(
-    ids: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, u_token: torch.Tensor
+def rejection_draws(
+    at: torch.Tensor, p: torch.Tensor, q: torch.Tensor | Proposal | None, u_token: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For the block ``ids`` [K] drawn from ``q`` [K, V] (None: one-hot) against the target ``p`` [K + 1, V]:
-    each position's recovered token, drawn from the normalised residual ``max(0, p - q)`` at ``u_token`` [K + 1]
-    (at K, the bonus token, drawn from ``p``), and ``p(d)``, ``q(d)`` of the block tokens ([K] each; ``q(d)``
-    None for a one-hot ``q``, where it is 1)."""
-    k = ids.shape[0]
-    at, head = ids[:, None], p[:k]  # [K, 1], [K, V]
+    """For the block ``at`` [K, 1] (its token ids) drawn from ``q`` [K, V] (or sparse rows; None: one-hot)
+    against the target ``p`` [K + 1, V]: each position's recovered token, drawn from the normalised residual
+    ``max(0, p - q)`` at ``u_token`` [K + 1] (at K, the bonus token, drawn from ``p``), and ``p(d)``, ``q(d)``
+    of the block tokens ([K] each; ``q(d)`` None for a one-hot ``q``, where it is 1)."""
+    k = at.shape[0]
+    head = p[:k]  # [K, V]
     p_tok = head.gather(1, at).view(k)
     if q is None:
         q_tok = None
         residual = head.scatter(-1, at, 0.0)  # [K, V]: the rejected token's mass removed
     else:
+        q = as_dense(q, p.shape[-1], p.device)
         q_tok = q.gather(1, at).view(k)
         residual = (head - q).clamp_min_(0.0)
     # p == q up to rounding leaves nothing to correct towards: recover from p itself

@@ -153,7 +153,7 @@ class DecoderStack(nn.Module):
             at = torch.tensor(wanted, device=device)
         # the last layer's output added into the rows by the norm, as every layer's input norm adds its own
         logits = self.head(self.final_norm(hidden[at], self.fused_cpu_ops, None if residual is None else residual[at]))
-        logits = logits.float()  # [sum(num_logits), V]
+        logits = logits if logits.dtype == torch.float32 else logits.float()  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
 
 

@@ -28,6 +28,7 @@ import torch
 from via_sd_ray.core.engine import Draft, DraftCall, VerifyCall
 from via_sd_ray.core.sampling import (
     Proposal,
+    as_float32,
     exponentials,
     generator,
     race,
@@ -38,6 +39,7 @@ from via_sd_ray.core.sampling import (
 )
 from via_sd_ray.core.verify import Verdict, read_verdict, verify_on_device
 from via_sd_ray.errors import Overloaded
+from via_sd_ray.models import qmm
 from via_sd_ray.models.decoder import SHORT_ROW, DecoderStack
 from via_sd_ray.models.kv_cache import KVCache, KVPool
 
@@ -81,6 +83,8 @@ class TierRunner:
         self.pool = pool
         self.prefill_chunk = prefill_chunk
         self.proposal_top_k = proposal_top_k
+        # rejection sampling's draws as one C++ op where the stack runs the C++ ops (bit for bit the torch ones)
+        self.draws = qmm.residual_draws if stack.fused_cpu_ops else None
         # a drafter whose LM head scores a frequency-ranked subset of the vocabulary (models/draft_vocab.py)
         self.draft_vocab = getattr(getattr(stack, "hf_model", None), "draft_vocab", None)
         self.host_steps = stack.device.type == "cpu" if host_steps is None else host_steps
@@ -372,7 +376,7 @@ class TierRunner:
             gen = None if call.params.greedy else generator(call.seed)
             on_device[i] = verify_on_device(blocks[i], logits[i], call.params, call.draft_probs, gen,
                                             call.return_probs, call.suppress_ids, call.suppress_rows,
-                                            self.proposal_top_k)
+                                            self.proposal_top_k, self.draws)
             for part in on_device[i].parts:
                 back.add(part)
             if on_device[i].proposal is not None:
@@ -420,7 +424,7 @@ class _ReadBack:
 
     def add(self, tensor: torch.Tensor) -> None:
         # float32 holds token ids exactly (below 2**24: every vocabulary is), and probabilities as computed
-        self.parts.append((tensor if tensor.dim() == 1 else tensor.flatten()).float())
+        self.parts.append(as_float32(tensor if tensor.dim() == 1 else tensor.flatten()))
 
     def add_proposal(self, proposal: Proposal) -> None:
         self.add(proposal.ids)
@@ -438,7 +442,7 @@ class _ReadBack:
     def take_proposal(self, like: Proposal) -> Proposal:
         """A proposal shaped as ``like`` (the device one that was added)."""
         n, width = like.ids.shape
-        return Proposal(self.take(n * width).view(n, width).long(), self.take(n * width).view(n, width).float())
+        return Proposal(self.take(n * width).view(n, width).long(), self.take(n * width).view(n, width))
 
 
 def _cut(token_probs: list[float], stop_threshold: float) -> int:

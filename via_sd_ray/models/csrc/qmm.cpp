@@ -933,6 +933,110 @@ std::string qmm_isa(const at::Tensor& x, bool int8) {
   }
 }
 
+
+// Rejection sampling's draws (core/verify.py _rejection_sample), one pass a row instead of ~20 ops over [K + 1, V]:
+// the block's token ids ``at`` [K, 1], the target ``p`` [K + 1, V] float32, the proposal ``q`` (with ``q_ids``
+// [K, W]: sparse rows of probabilities [K, W]; without: dense [K, V]; none: one-hot on the block) and ``u``
+// [K + 1] float64. Row i < K draws its recovered token from the residual max(0, p - q) (p itself where that
+// is all zero), row K its bonus token from p, each by inverse CDF at u: the first id whose running sum, in
+// float64 in id order, exceeds u times the row's total (clamped to V - 1). That is what the torch ops compute
+// (cumsum in order, searchsorted right), so the tokens are the same, bit for bit. Returns the tokens [K + 1],
+// p(d) and q(d) of the block tokens [K] each (q(d) empty for a one-hot proposal).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_draws(const at::Tensor& p, const at::Tensor& at_ids,
+                                                              const c10::optional<at::Tensor>& q_in,
+                                                              const c10::optional<at::Tensor>& q_ids_in,
+                                                              const at::Tensor& u_in) {
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "residual_draws: expected p [K + 1, V] float32");
+  const int64_t K = p.size(0) - 1, V = p.size(1);
+  TORCH_CHECK(at_ids.numel() == K && at_ids.scalar_type() == at::kLong, "residual_draws: expected at [K, 1] long");
+  TORCH_CHECK(u_in.numel() == K + 1, "residual_draws: expected u [K + 1]");
+  const bool sparse = q_ids_in.has_value(), one_hot = !q_in.has_value();
+  at::Tensor pc = p.contiguous(), ids = at_ids.contiguous(), u = u_in.to(at::kDouble).contiguous(), q, q_ids;
+  int64_t W = 0;
+  if (!one_hot) {
+    q = q_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(q.dim() == 2 && q.size(0) == K, "residual_draws: expected q with K rows");
+    if (sparse) {
+      q_ids = q_ids_in->contiguous();
+      TORCH_CHECK(q_ids.sizes() == q.sizes() && q_ids.scalar_type() == at::kLong, "residual_draws: q_ids unlike q");
+      W = q.size(1);
+    } else {
+      TORCH_CHECK(q.size(1) == V, "residual_draws: expected a dense q [K, V]");
+    }
+  }
+  at::Tensor tokens = at::empty({K + 1}, at::kLong), p_tok = at::empty({K}, at::kFloat);
+  at::Tensor q_tok = at::empty({one_hot ? 0 : K}, at::kFloat);
+  const float* pp = pc.data_ptr<float>();
+  const int64_t* dp = ids.data_ptr<int64_t>();
+  const double* up = u.data_ptr<double>();
+  const float* qp = one_hot ? nullptr : q.data_ptr<float>();
+  const int64_t* qip = sparse ? q_ids.data_ptr<int64_t>() : nullptr;
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* ptp = p_tok.data_ptr<float>();
+  float* qtp = q_tok.data_ptr<float>();
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(0 <= dp[i] && dp[i] < V, "residual_draws: a block token outside the vocabulary");
+    for (int64_t j = 0; j < W; ++j)
+      TORCH_CHECK(0 <= qip[i * W + j] && qip[i * W + j] < V, "residual_draws: a proposal id outside the vocabulary");
+  }
+  auto sum = [V](const float* w) {
+    double total = 0.0;
+    for (int64_t v = 0; v < V; ++v) total += static_cast<double>(w[v]);
+    return total;
+  };
+  // rows in parallel only where a row is long enough to pay for waking the threads
+  at::parallel_for(0, K + 1, V >= 16384 ? 1 : K + 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> residual(V);
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = pp + i * V;
+      const float* weights = row;  // the bonus row draws from p
+      double total;
+      if (i < K) {
+        const int64_t d = dp[i];
+        ptp[i] = row[d];
+        if (one_hot) {
+          std::memcpy(residual.data(), row, V * sizeof(float));
+          residual[d] = 0.0f;
+        } else if (sparse) {
+          std::memcpy(residual.data(), row, V * sizeof(float));  // p - 0 where q has no mass
+          const float* qr = qp + i * W;
+          const int64_t* qi = qip + i * W;
+          float qd = 0.0f;
+          for (int64_t j = 0; j < W; ++j) {
+            residual[qi[j]] = std::max(row[qi[j]] - qr[j], 0.0f);
+            if (qi[j] == d) qd = qr[j];
+          }
+          qtp[i] = qd;
+        } else {
+          const float* qr = qp + i * V;
+          for (int64_t v = 0; v < V; ++v) residual[v] = std::max(row[v] - qr[v], 0.0f);
+          qtp[i] = qr[d];
+        }
+        total = sum(residual.data());
+        if (total > 0.0) {
+          weights = residual.data();
+        } else {  // p == q up to rounding: recover from p itself
+          total = sum(row);
+        }
+      } else {
+        total = sum(row);
+      }
+      const double target = up[i] * total;
+      double running = 0.0;
+      int64_t pick = V - 1;
+      for (int64_t v = 0; v < V; ++v) {
+        running += static_cast<double>(weights[v]);
+        if (running > target) {
+          pick = v;
+          break;
+        }
+      }
+      tp[i] = pick;
+    }
+  });
+  return {tokens, p_tok, q_tok};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(via_sd, m) {
@@ -944,6 +1048,7 @@ TORCH_LIBRARY(via_sd, m) {
   m.def("qmm_isa(Tensor x, bool int8=False) -> str");
   m.def("attend_short(Tensor grouped, Tensor cache_k, Tensor cache_v, int start, int T) -> Tensor");
   m.def("rms_norm(Tensor(a!) x, Tensor weight, float eps, Tensor? residual=None) -> Tensor");
+  m.def("residual_draws(Tensor p, Tensor at, Tensor? q, Tensor? q_ids, Tensor u) -> (Tensor, Tensor, Tensor)");
   m.def("rope_write(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, int start, Tensor cos, "
         "Tensor sin, float scale) -> Tensor");
 }
@@ -955,5 +1060,6 @@ TORCH_LIBRARY_IMPL(via_sd, CPU, m) {
   m.impl("qmm_quantize", &qmm_quantize);
   m.impl("rope_write", &rope_write);
   m.impl("rms_norm", &rms_norm);
+  m.impl("residual_draws", &residual_draws);
   m.impl("attend_short", &attend_short);
 }
