@@ -83,6 +83,8 @@ class TierRunner:
         self.pool = pool
         self.prefill_chunk = prefill_chunk
         self.proposal_top_k = proposal_top_k
+        # a call's read-back is float32, exact for token ids below 2**24
+        assert stack.vocab_size < 2**24, f"{name} tier: {stack.vocab_size} vocabulary ids, at most 2**24 read back"
         # rejection sampling's draws as one C++ op where the stack runs the C++ ops (bit for bit the torch ones)
         self.draws = qmm.residual_draws if stack.fused_cpu_ops else None
         # a drafter whose LM head scores a frequency-ranked subset of the vocabulary (models/draft_vocab.py)
