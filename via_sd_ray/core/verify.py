@@ -129,7 +129,8 @@ def verify_on_device(
         return OnDevice([logits.argmax(dim=-1), confidence], proposal)
     assert gen is not None, "sampled verification needs a generator"
     u = uniforms(gen, 2 * k + 1, "cpu")  # one per block token (acceptance), then one per position (its token)
-    ids = torch.tensor([[token] for token in block] or torch.empty((0, 1)), dtype=torch.long, device=device)
+    ids = (torch.tensor([[token] for token in block], dtype=torch.long, device=device) if block
+           else torch.empty((0, 1), dtype=torch.long, device=device))  # [K, 1]
     q = draft_probs.to(device) if isinstance(draft_probs, Proposal) else as_dense(draft_probs, probs.shape[-1], device)
     tokens, p_tok, q_tok = (draws or rejection_draws)(ids, probs, q, to_device(u[k:], device))
     return OnDevice([tokens, confidence, p_tok] + ([] if q_tok is None else [q_tok]), proposal, u[:k].tolist())
