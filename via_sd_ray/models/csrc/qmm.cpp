@@ -269,12 +269,12 @@ inline void unpack_unit(const uint8_t* c, int u, __m512i w[4]) {
   w[3] = _mm512_unpackhi_epi8(hi, bias);
 }
 
-// R rows of x times one block, into y [R, 32]. Up to 4 rows the running sums stay in registers; above, in
+// R rows of x times one block, into y [R, 32]. Up to 6 rows the running sums stay in registers; above, in
 // y (the group's 2R accumulators take the registers): the same operations in the same order either way.
 template <int BITS, int G, int R>
 void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y, const float* xsum) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;  // one tile's codes of a group
-  constexpr bool in_registers = R <= 4;
+  constexpr bool in_registers = R <= 6;
   const int64_t groups = K / G;
   const __m512 c128 = _mm512_set1_ps(128.f);
   __m512 yacc[in_registers ? R : 1][2];
@@ -422,7 +422,7 @@ template <int BITS, int G, int R>
 void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y, const float* xscale,
                 const float* xlow) {
   constexpr int64_t gbytes = TILE * G * BITS / 8;
-  constexpr bool in_registers = R <= 4;
+  constexpr bool in_registers = R <= 6;
   const int64_t groups = K / G;
   __m512 yacc[in_registers ? R : 1][2];
 #pragma GCC unroll 8
