@@ -72,8 +72,13 @@ def main() -> None:
 
 
 def real_vocabulary_verdicts(vocab: int = 151_936) -> dict[str, float]:
-    """ms of ``verify_on_device`` for a sampled block of 4 over ``vocab`` ids (torch draws, fused draws)."""
-    from via_sd_ray.core.sampling import generator, sampled_proposal
+    """ms of ``verify_on_device`` for a sampled block of 4 over ``vocab`` ids (torch draws, fused draws); nothing
+    for an older tree without sparse proposals (the previous main, 8e55536)."""
+    from via_sd_ray.core import sampling
+
+    if not hasattr(sampling, "sampled_proposal"):
+        return {}
+    from via_sd_ray.core.sampling import generator
     from via_sd_ray.core.verify import verify_on_device
     from via_sd_ray.models import qmm
 
@@ -81,7 +86,7 @@ def real_vocabulary_verdicts(vocab: int = 151_936) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=64, temperature=1.0)
     logits = torch.randn(5, vocab, generator=gen) * 3
-    proposal = sampled_proposal(torch.randn(4, vocab, generator=gen) * 3, params, 64)
+    proposal = sampling.sampled_proposal(torch.randn(4, vocab, generator=gen) * 3, params, 64)
     block = proposal.ids[:, 0].tolist()
     fused = qmm.available() is None and hasattr(qmm, "residual_draws")  # (an older tree has no fused draws)
     ways = {"torch": {}, **({"fused": {"draws": qmm.residual_draws}} if fused else {})}

@@ -176,7 +176,8 @@ def rejection_draws(
         q_tok = None
         residual = head.scatter(-1, at, 0.0)  # [K, V]: the rejected token's mass removed
     else:
-        q = as_dense(q, p.shape[-1], p.device)
+        if isinstance(q, Proposal):  # (a dense q arrives padded to V, on p's device: verify_on_device)
+            q = q.dense(p.shape[-1])
         q_tok = q.gather(1, at).view(k)
         residual = (head - q).clamp_min_(0.0)
     # p == q up to rounding leaves nothing to correct towards: recover from p itself

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from via_sd_ray.core.sampling import as_float32
 from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import qmm
 from via_sd_ray.models.kv_cache import KVCache, KVPool
@@ -153,7 +154,7 @@ class DecoderStack(nn.Module):
             at = torch.tensor(wanted, device=device)
         # the last layer's output added into the rows by the norm, as every layer's input norm adds its own
         logits = self.head(self.final_norm(hidden[at], self.fused_cpu_ops, None if residual is None else residual[at]))
-        logits = logits if logits.dtype == torch.float32 else logits.float()  # [sum(num_logits), V]
+        logits = as_float32(logits)  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
 
 

@@ -388,8 +388,7 @@ class TierRunner:
         for i in done:
             call, verdict_on_device = calls[i], on_device[i]
             values = back.take(verdict_on_device.size).tolist()
-            proposal = verdict_on_device.proposal
-            proposal = None if proposal is None else back.take_proposal(proposal)
+            proposal = None if verdict_on_device.proposal is None else back.take_proposal(verdict_on_device.proposal)
             verdict = read_verdict(blocks[i], values, call.params, verdict_on_device, proposal, logits[i])
             synced[i][0].crop(len(call.committed) + verdict.accepted)  # roll back the rejected tail now
             verdicts[i] = verdict
