@@ -269,7 +269,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(bits, group):
     position computes bit for bit what a one-token step computes (what makes greedy sd equal ar below)."""
     (codes, meta), _ = random_packed(80, 256, bits, group)
     for dtype, int8 in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True), (torch.float32, True)):
-        x = torch.randn(20, 256).to(dtype)  # 20 rows: a long pass's register blocks (MT_INT8_LONG)
+        x = torch.randn(20, 256).to(dtype)  # 20 rows: a long pass's register blocks (MT_LONG)
         whole = qmm.matmul(x, codes, meta, 80, bits, group, int8=int8)
         for m in range(20):
             assert torch.equal(whole[m : m + 1], qmm.matmul(x[m : m + 1], codes, meta, 80, bits, group, int8=int8))

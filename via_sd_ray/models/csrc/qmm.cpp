@@ -57,10 +57,11 @@ constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
 constexpr int BLOCK = 32;  // output rows per block: two tiles
 constexpr int MT = 4;      // rows of x per register block (AVX2: 16 vector registers)
 constexpr int MT_BF16 = 8; // rows of x per register block (AVX512: 32 vector registers)
-// rows of int8 x per register block in a long pass (a prefill chunk): 6, whose running sums stay in registers,
-// rather than 8, whose sums go through memory every group (measured on the 1.5B, Zen 4: a 128-token pass ~5 %
-// faster; a pass of 13 rows ~8 % slower with 6, so short passes keep 8)
-constexpr int MT_INT8_LONG = 6;
+// rows of x per register block in a long pass (> 16 rows, a prefill chunk; AVX512): 6, whose running sums stay
+// in registers, rather than 8, whose sums go through memory every group (the 1.5B's layers at 128 rows, Zen 4:
+// ~5 % faster with int8 activations, ~20 % with bf16; a pass of 13 rows ~8 % slower with 6, so short passes
+// keep 8)
+constexpr int MT_LONG = 6;
 // groups ahead whose codes a block kernel prefetches: a multi-row pass computes long enough per group for
 // the hardware's own prefetching to fall behind (measured on the 1.5B, Zen 4: verify passes of 5 and 11
 // tokens ~13 % faster, 4 batched rows ~18 % with int8 activations; a one-token step unchanged)
@@ -687,7 +688,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const int64_t block_bytes = groups * 2 * gbytes;
   // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
   // row is latency-bound)
-  const int64_t mt = !(bf16 || int8) ? MT : int8 && M > 2 * MT_BF16 ? MT_INT8_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
+  const int64_t mt = !(bf16 || int8) ? MT : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
   auto work = [&](int64_t begin, int64_t end) {
     alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
