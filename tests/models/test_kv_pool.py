@@ -197,3 +197,23 @@ def test_batched_generation_equals_generations_one_by_one(build_tiny_engine):
         assert [r.token_ids for r in together] == alone
     assert engine.full.stats.prefill_chunks > 0
     assert engine.full.slot_counts()["slots_used"] == 0  # every generation released its slot
+
+
+def test_batched_generation_shrinks_its_blocks_with_the_load_as_the_router_does(build_tiny_engine):
+    """serving.verify_token_budget caps each block by the generations still running (``load_block_cap``), in
+    ``generate_batch`` as in the served router: budget 8 over 4 running is 8 // 4 - 1 = 1 draft token, under
+    min_block 2, so nobody drafts; over 2 running, blocks of at most 3. The tokens stay those of the
+    generations one by one, which draft blocks of 4."""
+    engine = build_tiny_engine(serving={"verify_token_budget": 8, "min_block": 2})
+    prompts = [engine.encode(t) for t in ("hello world", "a much longer prompt " * 3, "x", "def f(a, b):")]
+    policy = RouterPolicy(mode="sd", block_size=4)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    alone = [engine.generate(p, params, policy) for p in prompts]
+    assert max(r.stats.records[0].proposed for r in alone) == 4
+    four = engine.generate_batch(prompts, params, policy)
+    assert [r.token_ids for r in four] == [r.token_ids for r in alone]
+    assert sum(r.stats.proposed for r in four) == 0
+    two = engine.generate_batch(prompts[:2], params, policy)
+    assert [r.token_ids for r in two] == [r.token_ids for r in alone[:2]]
+    proposed = [b.proposed for r in two for b in r.stats.records]
+    assert max(proposed) == 3

@@ -15,7 +15,7 @@ import torch
 
 from via_sd_ray.config import EngineConfig
 from via_sd_ray.core.engine import Commit, DraftCall, Generation, VerifyCall, drive
-from via_sd_ray.core.policy import RouterPolicy, Tier
+from via_sd_ray.core.policy import RouterPolicy, Tier, load_block_cap
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
 from via_sd_ray.errors import InvalidRequest
@@ -171,8 +171,13 @@ class LocalEngine:
         """Run several generations together, as a serving replica batches them: each round collects every
         unfinished generation's next tier call and runs the calls of one tier in one batched pass
         (a long prompt's prefill in chunks, the others' steps beside it). Results in prompt order;
-        each one's ``elapsed`` runs from the common start to its last token."""
+        each one's ``elapsed`` runs from the common start to its last token. Blocks shrink with the number
+        of generations still running as the served router shrinks them (``serving.verify_token_budget``)."""
         generations = [self.new_generation(p, params, policy) for p in prompts]
+        serving = self.config.serving
+        for generation in generations:
+            generation.block_cap = lambda: load_block_cap(len(prompts) - sum(e > 0 for e in elapsed),
+                                                          serving.verify_token_budget, serving.min_block)
         steps = [g.steps() for g in generations]
         times = [TierTimes() for _ in prompts]
         elapsed: list[float] = [0.0] * len(prompts)
