@@ -320,3 +320,39 @@ def test_a_prompt_cut_anywhere_gives_the_same_cache_and_logits_in_bf16(build_tin
         got, _ = stack.forward_batch([prompt[cut:], prompt[:40]], [cache, other], [1, 1])
         assert torch.equal(got, want), cut
         assert torch.equal(cache.data[..., : len(prompt), :], one.data[..., : len(prompt), :]), cut
+
+
+@pytest.mark.parametrize("dtype, int8, v_apart", [(torch.float32, False, False), (torch.bfloat16, False, False),
+                                                   (torch.bfloat16, True, False), (torch.float32, False, True),
+                                                   (torch.bfloat16, True, True)])
+def test_the_native_layer_loop_computes_what_the_layer_plans_compute(dtype, int8, v_apart):
+    """``decoder_layers`` (csrc/qmm.cpp) runs a packed model's layers in one C++ op: bit for bit the logits and
+    cache of the Python layer plans, over a prefill, decode steps, a verify block and two rows packed in one
+    pass (attention row by row over each row's cache), with bf16 / float32 / int8 activations, and with v in
+    another format than q and k (a projection of its own, as GGUF files' Q6_K v layers)."""
+    from via_sd_ray.models.decoder import DecoderStack
+    from via_sd_ray.models.quant import round_activations
+
+    model = quantize(tiny_model("verifier").to(dtype), "int4-weight-only")
+    if v_apart:
+        for layer in model.model.layers:
+            v = layer.self_attn.v_proj
+            linear = nn.Linear(v.in_features, v.out_features, bias=v.bias is not None)
+            linear.weight.data, linear.bias.data = v.weight, v.bias
+            layer.self_attn.v_proj = PackedLinear.from_float(linear, group=16)
+    round_activations(model, int8)
+    stack = DecoderStack(model)
+    ids = list(range(3, 40))
+    runs = {}
+    for native in (True, False):
+        stack(ids[:2], stack.new_cache(), 1)  # builds the plans (and the native arguments)
+        assert stack.native is not None
+        assert model.model.layers[0].self_attn.via_qkv_parts == (2 if v_apart else 3)
+        saved, stack.native = stack.native, stack.native if native else None
+        cache, other = stack.new_cache(), stack.new_cache()
+        out = [stack(ids[:30], cache, 1)] + [stack(ids[i : i + 1], cache, 1) for i in range(30, 33)]
+        out.append(stack(ids[33:37], cache, 4))
+        out += stack.forward_batch([[7, 8], ids[:5]], [cache, other], [2, 5])
+        runs[native] = (torch.cat(out), cache.data[..., :39, :].clone(), other.data[..., :5, :].clone())
+        stack.native = saved
+    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))

@@ -26,7 +26,7 @@ from via_sd_ray.errors import ConfigError
 from via_sd_ray.models import qmm
 from via_sd_ray.models.kv_cache import KVCache, KVPool
 from via_sd_ray.models.layers import LayerPlan, Norm, RotaryTable, cheapest, out_width, rotate
-from via_sd_ray.models.quant import fuse_projections
+from via_sd_ray.models.quant import PackedLinear, SwiGLU, fuse_projections
 from via_sd_ray.models.step import CompiledStep
 
 # Architectures whose decoder layers take (hidden, attention_mask, position_ids,
@@ -70,6 +70,7 @@ class DecoderStack(nn.Module):
         self.rotary = RotaryTable(self.rotary_emb)
         self.final_norm = Norm(self.norm)
         self.plans: list[LayerPlan] | None = None
+        self.native: NativeLayers | None = None  # qmm's decoder_layers arguments, where it computes the layers
         self.head = None  # the LM head as its cheapest callable (with the plans)
 
     @property
@@ -141,9 +142,18 @@ class DecoderStack(nn.Module):
         if self.plans is None:  # each layer's callables, looked up once (after any quantization or fusion)
             self.plans = [LayerPlan(layer, self.head_dim) for layer in self.layers]
             self.head = cheapest(self.lm_head)
-        residual = None  # each layer's last output, added into the residual stream by the next norm
-        for plan in self.plans:
-            hidden, residual = plan(hidden, residual, cos, sin, packed)
+            self.native = native_layers(self.layers, self.plans, self.head_dim) if self.fused_cpu_ops else None
+        if self.native is not None and hidden.dtype in (torch.bfloat16, torch.float32):
+            # the layers in one C++ op (csrc/qmm.cpp decoder_layers): what the plans compute, op for op
+            heads = [cache.heads(layer) for layer in self.layer_ids for cache in caches]
+            weights, dims, scale, eps = self.native.arguments()
+            hidden, residual = torch.ops.via_sd.decoder_layers(
+                hidden, weights, dims, [h[0] for h in heads], [h[1] for h in heads], starts, lengths, cos, sin,
+                scale, eps, self.head_dim)
+        else:
+            residual = None  # each layer's last output, added into the residual stream by the next norm
+            for plan in self.plans:
+                hidden, residual = plan(hidden, residual, cos, sin, packed)
         _finish(caches, token_lists)
         wanted = [off + n - k + j for off, n, k in zip(packed.offsets, lengths, num_logits) for j in range(k)]
         if not wanted:
@@ -156,6 +166,63 @@ class DecoderStack(nn.Module):
         logits = self.head(self.final_norm(hidden[at], self.fused_cpu_ops, None if residual is None else residual[at]))
         logits = as_float32(logits)  # [sum(num_logits), V]
         return list(torch.split(logits, num_logits)) if len(num_logits) > 1 else [logits]
+
+
+class NativeLayers:
+    """The arguments of ``qmm``'s ``decoder_layers`` for a stack's layers (``native_layers``)."""
+
+    LAYER_DIMS = 22  # as csrc/qmm.cpp: n, bits, group, int8 of q/k/v, o, SwiGLU, down; the q and k widths; v's
+
+    def __init__(self, weights: list[torch.Tensor], linears: list[nn.Module | None], widths: list[int], scale: float,
+                 eps: float):
+        self.weights, self.linears, self.widths, self.scale, self.eps = weights, linears, widths, scale, eps
+        self.dims: list[int] = []
+        self.int8: list[bool] = []
+
+    def arguments(self) -> tuple[list[torch.Tensor], list[int], float, float]:
+        int8 = [linear is not None and linear.int8 for linear in self.linears]  # ``round_activations`` may switch
+        if int8 != self.int8:  # them at any time
+            self.int8, self.dims = int8, []
+            for i, linear in enumerate(self.linears):  # per layer: q/k/v, o, SwiGLU, down, v (or None)
+                if linear is None:
+                    self.dims += [0, 0, 0, 0]
+                    continue
+                n = 2 * linear.out_features if isinstance(linear, SwiGLU) else linear.out_features
+                self.dims += [n, linear.bits, linear.group, int(linear.int8)]
+                if i % 5 == 3:
+                    self.dims += self.widths[i // 5 * 2 : i // 5 * 2 + 2]
+        return self.weights, self.dims, self.scale, self.eps
+
+
+def native_layers(layers: nn.ModuleList, plans: list[LayerPlan], head_dim: int) -> NativeLayers | None:
+    """``qmm``'s ``decoder_layers`` arguments for these layers, or None where a layer is not of the form it
+    computes: q / k / v (or q / k, v apart) fused in one packed projection (biases allowed), packed o and down
+    without bias, a packed SwiGLU, no q / k norms, one attention scale and one norm eps."""
+    weights: list[torch.Tensor] = []
+    linears: list[nn.Module | None] = []
+    widths: list[int] = []
+    scales, eps = set(), set()
+    for layer, plan in zip(layers, plans):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, o, swiglu, down = getattr(attn, "via_qkv", None), attn.o_proj, getattr(mlp, "via_swiglu", None), mlp.down_proj
+        parts = getattr(attn, "via_qkv_parts", 0)
+        v = None if parts == 3 else attn.v_proj
+        if not (type(qkv) is PackedLinear and parts in (2, 3) and (v is None or type(v) is PackedLinear)
+                and type(o) is PackedLinear and type(swiglu) is SwiGLU and type(down) is PackedLinear
+                and o.bias is None and down.bias is None and plan.q_norm is None and plan.k_norm is None):
+            return None
+        scales.add(plan.scaling or head_dim**-0.5)
+        eps.update((plan.input_norm.eps, plan.post_norm.eps))
+        empty = qkv.codes.new_empty(0)
+        weights += [plan.input_norm.weight, plan.post_norm.weight, qkv.codes, qkv.meta,
+                    empty if qkv.bias is None else qkv.bias, o.codes, o.meta, swiglu.codes, swiglu.meta,
+                    down.codes, down.meta]
+        weights += [empty, empty, empty] if v is None else [v.codes, v.meta, empty if v.bias is None else v.bias]
+        linears += [qkv, o, swiglu, down, v]
+        widths += plan.widths[:2]
+    if len(scales) != 1 or len(eps) != 1:
+        return None
+    return NativeLayers(weights, linears, widths, scales.pop(), eps.pop())
 
 
 def _finish(caches: list[KVCache], token_lists: list) -> None:
