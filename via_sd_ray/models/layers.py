@@ -6,7 +6,10 @@ modules up once and calls the cheapest form of each: a float ``nn.Linear`` as th
 our own layers' ``forward`` directly, anything else (tensor-parallel layers that all-reduce, oneDNN ones)
 through its ``__call__``. With the fused projections of ``quant.fuse_projections`` (q / k / v in one call,
 gate / up with SiLU in one), the C++ norm, rotary and attention ops of ``models/qmm.py`` on CPUs and a
-table of rotary angles, a decode step of a layer is ~10 calls.
+table of rotary angles, a decode step of a layer is ~10 calls. On CPUs a model whose layers are all packed runs
+the same ops from C++ instead (``decoder.NativeLayers``, ``decoder_layers`` in csrc/qmm.cpp); the plans remain
+the path everywhere else (GPUs, float and tensor-parallel layers) and the reference the native loop is tested
+against.
 """
 
 from __future__ import annotations
