@@ -1132,6 +1132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_draws(const at::Tensor& 
 // ``values``: layer l's cache of row b at l * rows + b ([Hkv, C, D]). Returns the residual stream and the last
 // layer's output (the final norm adds it).
 constexpr int LAYER_TENSORS = 14, LAYER_DIMS = 22;
+// where a layer's tensors start (a projection: codes, meta, then its bias for q/k/v and v) and its dims
+enum LayerTensor { kInputNorm = 0, kPostNorm = 1, kQkv = 2, kO = 5, kSwiGLU = 7, kDown = 9, kV = 11 };
+enum LayerDim { dQkv = 0, dO = 4, dSwiGLU = 8, dDown = 12, dWidths = 16, dV = 18 };
 
 std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& hidden_in, at::TensorList weights,
                                                   at::IntArrayRef dims, at::TensorList keys, at::TensorList values,
@@ -1150,17 +1153,18 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& hidden_in, a
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = weights.data() + l * LAYER_TENSORS;
     const int64_t* d = dims.data() + l * LAYER_DIMS;
-    auto project = [&](const at::Tensor& x, int first, const int64_t* f, bool swiglu) {
+    auto project = [&](const at::Tensor& x, LayerTensor first, LayerDim f, bool swiglu) {
       c10::optional<at::Tensor> bias;
-      if ((first == 2 || first == 11) && w[first + 2].numel() > 0) bias = w[first + 2];
-      return run(x, w[first], w[first + 1], f[0], f[1], f[2], bias, swiglu, f[3] != 0, false);
+      if ((first == kQkv || first == kV) && w[first + 2].numel() > 0) bias = w[first + 2];
+      return run(x, w[first], w[first + 1], d[f], d[f + 1], d[f + 2], bias, swiglu, d[f + 3] != 0, false);
     };
-    const at::Tensor x = rms_norm(hidden, w[0], eps, l == 0 ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(out));
-    const at::Tensor qkv = project(x, 2, d, false);
-    const int64_t qw = d[16], kw = d[17];
+    const at::Tensor x = rms_norm(hidden, w[kInputNorm], eps,
+                                  l == 0 ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(out));
+    const at::Tensor qkv = project(x, kQkv, dQkv, false);
+    const int64_t qw = d[dWidths], kw = d[dWidths + 1];
     const at::Tensor q = qkv.narrow(1, 0, qw).view({n, -1, head_dim});
     const at::Tensor k = qkv.narrow(1, qw, kw).view({n, -1, head_dim});
-    const at::Tensor v = (d[18] > 0 ? project(x, 11, d + 18, false) : qkv.narrow(1, qw + kw, d[0] - qw - kw))
+    const at::Tensor v = (d[dV] > 0 ? project(x, kV, dV, false) : qkv.narrow(1, qw + kw, d[dQkv] - qw - kw))
                              .view({n, -1, head_dim});
     std::vector<at::Tensor> attended;
     for (int64_t b = 0, off = 0; b < rows; off += lengths[b], ++b) {
@@ -1171,9 +1175,9 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& hidden_in, a
                                             starts[b], cos.narrow(0, off, t), sin.narrow(0, off, t), scale);
       attended.push_back(attend_short(grouped, ck, cv, starts[b], t));
     }
-    const at::Tensor o = project(rows == 1 ? attended[0] : at::cat(attended), 5, d + 4, false);
-    const at::Tensor y = rms_norm(hidden, w[1], eps, o);
-    out = project(project(y, 7, d + 8, true), 9, d + 12, false);
+    const at::Tensor o = project(rows == 1 ? attended[0] : at::cat(attended), kO, dO, false);
+    const at::Tensor y = rms_norm(hidden, w[kPostNorm], eps, o);
+    out = project(project(y, kSwiGLU, dSwiGLU, true), kDown, dDown, false);
   }
   return {hidden, out};
 }
