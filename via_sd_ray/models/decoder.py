@@ -206,7 +206,8 @@ def native_layers(layers: nn.ModuleList, plans: list[LayerPlan], head_dim: int) 
     scales, eps = set(), set()
     for layer, plan in zip(layers, plans):
         attn, mlp = layer.self_attn, layer.mlp
-        qkv, o, swiglu, down = getattr(attn, "via_qkv", None), attn.o_proj, getattr(mlp, "via_swiglu", None), mlp.down_proj
+        qkv, o = getattr(attn, "via_qkv", None), attn.o_proj
+        swiglu, down = getattr(mlp, "via_swiglu", None), mlp.down_proj
         parts = getattr(attn, "via_qkv_parts", 0)
         v = None if parts == 3 else attn.v_proj
         if not (type(qkv) is PackedLinear and parts in (2, 3) and (v is None or type(v) is PackedLinear)
