@@ -348,7 +348,9 @@ def test_the_native_layer_loop_computes_what_the_layer_plans_compute(dtype, int8
         stack(ids[:2], stack.new_cache(), 1)  # builds the plans (and the native arguments)
         assert stack.native is not None
         assert model.model.layers[0].self_attn.via_qkv_parts == (2 if v_apart else 3)
-        saved, stack.native = stack.native, stack.native if native else None
+        saved = stack.native
+        if not native:
+            stack.native = None  # the Python layer plans
         cache, other = stack.new_cache(), stack.new_cache()
         out = [stack(ids[:30], cache, 1)] + [stack(ids[i : i + 1], cache, 1) for i in range(30, 33)]
         out.append(stack(ids[33:37], cache, 4))

@@ -144,8 +144,9 @@ class DecoderStack(nn.Module):
         if self.plans is None:  # each layer's callables, looked up once (after any quantization or fusion)
             self.plans = [LayerPlan(layer, self.head_dim) for layer in self.layers]
             self.head = cheapest(self.lm_head)
-            self.native = native_layers(self.layers, self.plans, self.head_dim) if self.fused_cpu_ops else None
-        if self.native is not None and hidden.dtype in (torch.bfloat16, torch.float32):
+            native = self.fused_cpu_ops and self.dtype in (torch.bfloat16, torch.float32)
+            self.native = native_layers(self.layers, self.plans, self.head_dim) if native else None
+        if self.native is not None:
             # the layers in one C++ op (csrc/qmm.cpp decoder_layers): what the plans compute, op for op
             heads = [cache.heads(layer) for layer in self.layer_ids for cache in caches]
             weights, dims, scale, eps = self.native.arguments()
@@ -173,27 +174,30 @@ class DecoderStack(nn.Module):
 class NativeLayers:
     """The arguments of ``qmm``'s ``decoder_layers`` for a stack's layers (``native_layers``): the weights, and
     per layer the 22 dims csrc/qmm.cpp reads (n, bits, group, int8 of q/k/v, o, SwiGLU, down; the q and k widths;
-    v's own projection, or zeros)."""
+    n, bits, group, int8 of v's own projection, or zeros)."""
 
-    def __init__(self, weights: list[torch.Tensor], linears: list[nn.Module | None], widths: list[int], scale: float,
-                 eps: float):
-        self.weights, self.linears, self.widths, self.scale, self.eps = weights, linears, widths, scale, eps
-        self.dims: list[int] = []
+    def __init__(self, weights: list[torch.Tensor], layers: list[tuple], scale: float, eps: float):
+        self.weights, self.scale, self.eps = weights, scale, eps
+        self.layers = layers  # per layer: (q/k/v, o, SwiGLU, down, v or None, (q width, k width))
         self.int8: list[bool] = []
+        self.dims: list[int] = []
 
     def arguments(self) -> tuple[list[torch.Tensor], list[int], float, float]:
-        int8 = [linear is not None and linear.int8 for linear in self.linears]  # ``round_activations`` may switch
-        if int8 != self.int8:  # them at any time
-            self.int8, self.dims = int8, []
-            for i, linear in enumerate(self.linears):  # per layer: q/k/v, o, SwiGLU, down, v (or None)
-                if linear is None:
-                    self.dims += [0, 0, 0, 0]
-                    continue
-                n = 2 * linear.out_features if isinstance(linear, SwiGLU) else linear.out_features
-                self.dims += [n, linear.bits, linear.group, int(linear.int8)]
-                if i % 5 == 3:
-                    self.dims += self.widths[i // 5 * 2 : i // 5 * 2 + 2]
+        linears = [linear for layer in self.layers for linear in layer[:5]]
+        int8 = [linear is not None and linear.int8 for linear in linears]  # ``round_activations`` may switch them
+        if int8 != self.int8:
+            self.int8 = int8
+            self.dims = [d for qkv, o, swiglu, down, v, widths in self.layers
+                         for d in (*_dims(qkv), *_dims(o), *_dims(swiglu), *_dims(down), *widths, *_dims(v))]
         return self.weights, self.dims, self.scale, self.eps
+
+
+def _dims(linear: nn.Module | None) -> tuple[int, int, int, int]:
+    """A packed projection's n, bits, group and int8 as ``decoder_layers`` reads them (zeros: no projection)."""
+    if linear is None:
+        return 0, 0, 0, 0
+    n = 2 * linear.out_features if isinstance(linear, SwiGLU) else linear.out_features
+    return n, linear.bits, linear.group, int(linear.int8)
 
 
 def native_layers(layers: nn.ModuleList, plans: list[LayerPlan], head_dim: int) -> NativeLayers | None:
@@ -201,8 +205,7 @@ def native_layers(layers: nn.ModuleList, plans: list[LayerPlan], head_dim: int) 
     computes: q / k / v (or q / k, v apart) fused in one packed projection (biases allowed), packed o and down
     without bias, a packed SwiGLU, no q / k norms, one attention scale and one norm eps."""
     weights: list[torch.Tensor] = []
-    linears: list[nn.Module | None] = []
-    widths: list[int] = []
+    parts_of: list[tuple] = []
     scales, eps = set(), set()
     for layer, plan in zip(layers, plans):
         attn, mlp = layer.self_attn, layer.mlp
@@ -221,11 +224,10 @@ def native_layers(layers: nn.ModuleList, plans: list[LayerPlan], head_dim: int) 
                     empty if qkv.bias is None else qkv.bias, o.codes, o.meta, swiglu.codes, swiglu.meta,
                     down.codes, down.meta]
         weights += [empty, empty, empty] if v is None else [v.codes, v.meta, empty if v.bias is None else v.bias]
-        linears += [qkv, o, swiglu, down, v]
-        widths += plan.widths[:2]
+        parts_of.append((qkv, o, swiglu, down, v, tuple(plan.widths[:2])))
     if len(scales) != 1 or len(eps) != 1:
         return None
-    return NativeLayers(weights, linears, widths, scales.pop(), eps.pop())
+    return NativeLayers(weights, parts_of, scales.pop(), eps.pop())
 
 
 def _finish(caches: list[KVCache], token_lists: list) -> None:

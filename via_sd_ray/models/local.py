@@ -174,13 +174,16 @@ class LocalEngine:
         each one's ``elapsed`` runs from the common start to its last token. Blocks shrink with the number
         of generations still running as the served router shrinks them (``serving.verify_token_budget``)."""
         generations = [self.new_generation(p, params, policy) for p in prompts]
-        serving = self.config.serving
-        for generation in generations:
-            generation.block_cap = lambda: load_block_cap(len(prompts) - sum(e > 0 for e in elapsed),
-                                                          serving.verify_token_budget, serving.min_block)
         steps = [g.steps() for g in generations]
         times = [TierTimes() for _ in prompts]
-        elapsed: list[float] = [0.0] * len(prompts)
+        elapsed: list[float] = [0.0] * len(prompts)  # set as each generation ends
+        serving = self.config.serving
+
+        def block_cap() -> int | None:  # the served router's: the budget spread over the generations running
+            return load_block_cap(elapsed.count(0.0), serving.verify_token_budget, serving.min_block)
+
+        for generation in generations:
+            generation.block_cap = block_cap
         first: list[float | None] = [None] * len(prompts)
         calls: dict[int, DraftCall | VerifyCall] = {}
         start = time.perf_counter()

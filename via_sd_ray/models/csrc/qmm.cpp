@@ -608,7 +608,8 @@ struct Epilogue {
           }
           for (int t = 0; t < 2; ++t) {
             const __m512 v = _mm512_loadu_ps(r + t * TILE);
-            store16(out + b * BLOCK + t * TILE, bias ? _mm512_add_ps(v, _mm512_loadu_ps(bias + b * BLOCK + t * TILE)) : v);
+            const float* add = bias ? bias + b * BLOCK + t * TILE : nullptr;
+            store16(out + b * BLOCK + t * TILE, add ? _mm512_add_ps(v, _mm512_loadu_ps(add)) : v);
           }
         }
         return;
@@ -619,7 +620,8 @@ struct Epilogue {
       const float* r = block + m * BLOCK;
       T* out = y + m * columns;
       if (swiglu) {
-        for (int i = 0; i < TILE && b * TILE + i < columns; ++i) out[b * TILE + i] = static_cast<T>(silu_times(r[i], r[TILE + i]));
+        for (int i = 0; i < TILE && b * TILE + i < columns; ++i)
+          out[b * TILE + i] = static_cast<T>(silu_times(r[i], r[TILE + i]));
       } else {
         for (int i = 0; i < BLOCK && b * BLOCK + i < columns; ++i)
           out[b * BLOCK + i] = static_cast<T>(bias ? r[i] + bias[b * BLOCK + i] : r[i]);
