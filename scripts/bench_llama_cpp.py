@@ -9,6 +9,12 @@ code prompts `via-sd bench` uses through /v1/chat/completions (greedy), and prin
 at concurrency 1 the prompts one after another (all tokens over all seconds), at c > 1 in groups of c
 at once (aggregate). The GGUF files default to the registry's (the ones the via-sd checkpoints come
 from). Never run by the tests.
+
+llama-server reuses a slot's cached prompt (``cache_prompt``, on by default): each prompt after the first
+finds the chat template's system prefix cached, as our engine's prefix cache does (`via-sd bench-batch`
+keeps prefixes within a level). ``--no-cache-prompt`` turns that off, so every prompt is prefilled whole,
+as `scripts/bench_modes.py` does (it forgets prefixes before each prompt). The record counts the prompt
+tokens llama.cpp took from its cache. The warm-up request is not one of the measured prompts.
 """
 
 from __future__ import annotations
@@ -57,23 +63,30 @@ def start(server: str, model: str, draft: str | None, slots: int, threads: int, 
     raise SystemExit(f"llama-server did not become healthy within {START_TIMEOUT_S} s")
 
 
-def complete(url: str, prompt: str, max_tokens: int) -> int:
+WARM_UP = "Write a Python function that returns the sum of a list."
+
+
+def complete(url: str, prompt: str, max_tokens: int, cache_prompt: bool) -> tuple[int, int]:
+    """(completion tokens, prompt tokens llama.cpp took from its cache)"""
     reply = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
-        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+        "cache_prompt": cache_prompt})
     reply.raise_for_status()
-    return reply.json()["usage"]["completion_tokens"]
+    usage = reply.json()["usage"]
+    return usage["completion_tokens"], (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
 
-def run(url: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
-    complete(url, prompts[0], 4)  # warm-up
-    tokens, seconds = 0, 0.0
+def run(url: str, prompts: list[str], max_tokens: int, concurrency: int, cache_prompt: bool) -> dict:
+    complete(url, WARM_UP, 4, cache_prompt)
+    tokens, cached, seconds = 0, 0, 0.0
     with ThreadPoolExecutor(concurrency) as pool:
         for i in range(0, len(prompts), concurrency):
             group = prompts[i:i + concurrency]
             start_time = time.perf_counter()
-            tokens += sum(pool.map(lambda p: complete(url, p, max_tokens), group))
+            replies = list(pool.map(lambda p: complete(url, p, max_tokens, cache_prompt), group))
             seconds += time.perf_counter() - start_time
-    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+            tokens, cached = tokens + sum(r[0] for r in replies), cached + sum(r[1] for r in replies)
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "cached_prompt_tokens": cached}
 
 
 def main() -> None:
@@ -85,6 +98,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-cache-prompt", action="store_true",
+                        help="every prompt prefilled whole (llama-server's cache_prompt off)")
     parser.add_argument("--json", help="also write the record here")
     args = parser.parse_args()
     model = args.model or str(registry.gguf_file("qwen2.5-coder-1.5b-instruct"))
@@ -92,18 +107,20 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = load_prompts(args.num_prompts, "bench", None)
     record = {"server": args.server, "model": model, "draft": draft, "threads": args.threads,
-              "num_prompts": len(prompts), "max_tokens": args.max_tokens, "runs": {}}
+              "num_prompts": len(prompts), "max_tokens": args.max_tokens, "cache_prompt": not args.no_cache_prompt,
+              "runs": {}}
     for setup, drafter in (("plain", None), ("draft", draft)):
-        process, url = start(args.server, model, drafter, max(levels), args.threads, 4096)
-        try:
-            for level in levels:
-                result = run(url, prompts, args.max_tokens, level)
-                record["runs"][f"{setup}@c={level}"] = result
-                print(f"llama.cpp {setup:5s} c={level}: {result['tokens_per_s']:6.2f} tok/s "
-                      f"({result['tokens']} tokens)", file=sys.stderr, flush=True)
-        finally:
-            process.terminate()
-            process.wait(30)
+        for level in levels:
+            # a fresh server per level: no level finds another's prompts in its slots
+            process, url = start(args.server, model, drafter, max(levels), args.threads, 4096)
+            try:
+                result = run(url, prompts, args.max_tokens, level, not args.no_cache_prompt)
+            finally:
+                process.terminate()
+                process.wait(30)
+            record["runs"][f"{setup}@c={level}"] = result
+            print(f"llama.cpp {setup:5s} c={level}: {result['tokens_per_s']:6.2f} tok/s ({result['tokens']} tokens, "
+                  f"{result['cached_prompt_tokens']} prompt tokens cached)", file=sys.stderr, flush=True)
     print(json.dumps(record, indent=1))
     if args.json:
         with open(args.json, "w") as f:
