@@ -77,9 +77,9 @@ def complete(url: str, prompt: str, max_tokens: int, cache_prompt: bool) -> tupl
 
 
 def run(url: str, prompts: list[str], max_tokens: int, concurrency: int, cache_prompt: bool) -> dict:
-    complete(url, WARM_UP, 4, cache_prompt)
     tokens, cached, seconds = 0, 0, 0.0
     with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: complete(url, WARM_UP, 4, cache_prompt), range(concurrency)))  # warm-up, c at once
         for i in range(0, len(prompts), concurrency):
             group = prompts[i:i + concurrency]
             start_time = time.perf_counter()
