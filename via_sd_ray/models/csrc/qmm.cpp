@@ -296,9 +296,10 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& 
     const uint8_t* c = codes + g * 2 * gbytes;
     const uint16_t* xg = x + g * G;
 #pragma GCC unroll 16
-    for (int64_t line = 0; line < 2 * gbytes; line += 64)  // (past the block's end: harmless, never faults)
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0),
+    for (int64_t line = 0; line < 2 * gbytes; line += 64) {  // (past the block's end: harmless, never faults)
+      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * 2 * gbytes + line), _MM_HINT_T1);
+    }
     __m512 acc[R][2];
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -444,9 +445,10 @@ void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& me
     const uint8_t* c = codes + g * 2 * gbytes;
     const int8_t* xg = x + g * G;
 #pragma GCC unroll 16
-    for (int64_t line = 0; line < 2 * gbytes; line += 64)  // (past the block's end: harmless, never faults)
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0),
+    for (int64_t line = 0; line < 2 * gbytes; line += 64) {  // (past the block's end: harmless, never faults)
+      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * 2 * gbytes + line), _MM_HINT_T1);
+    }
     __m512i acc[R][2];
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
