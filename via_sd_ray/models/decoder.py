@@ -179,12 +179,13 @@ class NativeLayers:
     def __init__(self, weights: list[torch.Tensor], layers: list[tuple], scale: float, eps: float):
         self.weights, self.scale, self.eps = weights, scale, eps
         self.layers = layers  # per layer: (q/k/v, o, SwiGLU, down, v or None, (q width, k width))
+        self.linears = [linear for layer in layers for linear in layer[:5]]
         self.int8: list[bool] = []
         self.dims: list[int] = []
 
     def arguments(self) -> tuple[list[torch.Tensor], list[int], float, float]:
-        linears = [linear for layer in self.layers for linear in layer[:5]]
-        int8 = [linear is not None and linear.int8 for linear in linears]  # ``round_activations`` may switch them
+        # ``round_activations`` may switch a projection's int8 at any time: the dims follow
+        int8 = [linear is not None and linear.int8 for linear in self.linears]
         if int8 != self.int8:
             self.int8 = int8
             self.dims = [d for qkv, o, swiglu, down, v, widths in self.layers
