@@ -91,9 +91,10 @@ def test_the_kernels_isa_is_reported():
 @pytest.mark.parametrize("bits, group", qmm.FORMATS)
 @pytest.mark.parametrize("kquant", [False, True])
 def test_int8_activations_are_rounded_per_group_and_summed_exactly(bits, group, kquant):
-    """int8 activations: x rounded per group to q = rint(x * 127 / amax), the codes times q summed in integers.
-    The vector kernel equals the scalar reference bit for bit, and both equal the float64 product of the
-    rounded x and the weight to float32 rounding; the rounding moves each input by at most half a step."""
+    """int8 activations: x rounded per group to q = rint(x * 127 / amax), or against K-quant weights per
+    super-block of 256 inputs (llama.cpp's Q8_K), the codes times q summed in integers. The vector kernel equals
+    the scalar reference bit for bit, and both equal the float64 product of the rounded x and the weight to
+    float32 rounding; the rounding moves each input by at most half a step."""
     if kquant and group not in (16, 32):
         pytest.skip("K-quants have groups of 16 or 32")
     if kquant:
@@ -101,27 +102,32 @@ def test_int8_activations_are_rounded_per_group_and_summed_exactly(bits, group, 
         packed = qmm.pack(codes, scale, low, bits, group, kq)
     else:
         packed, weight = random_packed(48, 512, bits, group)
-    for m in (1, 3, 5, 8, 13, 40):
+    span = 256 if kquant else group
+    for m in (1, 3, 5, 6, 8, 13, 40):
         x = torch.randn(m, 512) * torch.rand(m, 1) * 4  # rows of different magnitudes
-        x[0, :group] = 0  # an all-zero group: scale 0, no division by zero
+        x[0, :span] = 0  # an all-zero span: scale 0, no division by zero
         for dtype in (torch.float32, torch.bfloat16):
             xd = x.to(dtype)
-            q, s, low_sum = qmm.quantize(xd, group)
+            q, s, third = qmm.quantize(xd, group, kquant=kquant)
             assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
-            assert all(torch.equal(a, b) for a, b in zip((q, s, low_sum), qmm.quantize(xd, group, reference=True)))
-            grouped = xd.float().view(m, -1, group)
-            amax = grouped.abs().amax(-1, keepdim=True)
-            want_q = torch.where(amax > 0, torch.round(grouped * (torch.full_like(amax, 127) / amax)), 0)
-            assert torch.equal(q.view(m, -1, group).float(), want_q) and torch.equal(s, (amax / 127).squeeze(-1))
+            reference = qmm.quantize(xd, group, reference=True, kquant=kquant)
+            assert all(torch.equal(a, b) for a, b in zip((q, s, third), reference))
+            spans = xd.float().view(m, -1, span)
+            amax = spans.abs().amax(-1, keepdim=True)
+            want_q = torch.where(amax > 0, torch.round(spans * (torch.full_like(amax, 127) / amax)), 0)
+            assert torch.equal(q.view(m, -1, span).float(), want_q) and torch.equal(s, (amax / 127).squeeze(-1))
+            sums = q.view(m, -1, group).sum(-1, dtype=torch.int32)
+            want = sums if kquant else s.repeat_interleave(span // group, 1) * sums.float()
+            assert torch.equal(third, want)
             got = qmm.matmul(xd, *packed, 48, bits, group, int8=True)
             assert got.dtype == dtype
             assert torch.equal(got, torch.ops.via_sd.qmm_reference(xd, *packed, 48, bits, group, None, False, True))
-            rounded = (q.view(m, -1, group).double() * s.double()[..., None]).view(m, 512)
+            rounded = (q.view(m, -1, span).double() * s.double()[..., None]).view(m, 512)
             exact = rounded @ weight.double().T
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
             assert float((got.double() - exact).abs().max()) <= tol * float(exact.abs().max()), (dtype, m)
-            unrounded = xd.double() @ weight.double().T  # each input moved by at most half its group's step
-            bound = (s.double().repeat_interleave(group, 1) / 2) @ weight.double().abs().T
+            unrounded = xd.double() @ weight.double().T  # each input moved by at most half its span's step
+            bound = (s.double().repeat_interleave(span, 1) / 2) @ weight.double().abs().T
             assert bool(((exact - unrounded).abs() <= bound * (1 + 1e-9)).all()), (dtype, m)
 
 
@@ -264,10 +270,15 @@ def test_the_python_fallback_of_short_rows_equals_the_fused_ops():
 
 
 @pytest.mark.parametrize("bits, group", [(4, 32), (6, 16)])
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(bits, group):
+@pytest.mark.parametrize("kquant", [False, True])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(bits, group, kquant):
     """Each row of x is summed in one fixed order whatever M and the register blocks are: a verify block's
     position computes bit for bit what a one-token step computes (what makes greedy sd equal ar below)."""
-    (codes, meta), _ = random_packed(80, 256, bits, group)
+    if kquant:
+        codes, scale, low, kq, _ = random_kquant(80, 256, bits, group)
+        codes, meta = qmm.pack(codes, scale, low, bits, group, kq)
+    else:
+        (codes, meta), _ = random_packed(80, 256, bits, group)
     for dtype, int8 in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True), (torch.float32, True)):
         x = torch.randn(20, 256).to(dtype)  # 20 rows: a long pass's register blocks (MT_LONG)
         whole = qmm.matmul(x, codes, meta, 80, bits, group, int8=int8)

@@ -209,10 +209,11 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, n: int, bit
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def quantize(x: torch.Tensor, group: int, reference: bool = False) -> tuple[torch.Tensor, ...]:
-    """``x`` [M, K] rounded to int8 per group of inputs as ``matmul(..., int8=True)`` does: q int8 [M, K] =
-    rint(x * 127 / amax), the scale amax / 127 and scale * sum(q), each [M, K / group]."""
-    return torch.ops.via_sd.qmm_quantize(x, group, reference)
+def quantize(x: torch.Tensor, group: int, reference: bool = False, kquant: bool = False) -> tuple[torch.Tensor, ...]:
+    """``x`` [M, K] rounded to int8 as ``matmul(..., int8=True)`` does: per group of inputs, q int8 [M, K] =
+    rint(x * 127 / amax), the scale amax / 127 and scale * sum(q), each [M, K / group]; against K-quant weights
+    (``kquant``), per super-block of 256 inputs: q, the scale [M, K / 256] and each group's sum(q) (int32)."""
+    return torch.ops.via_sd.qmm_quantize(x, group, reference, kquant)
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -344,56 +344,80 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& 
 #endif
 
 // int8 activations: each row of x is rounded to int8 per group of G inputs, q = rint(x * (127 / amax)) with
-// the scale s = amax / 127 (llama.cpp's Q8 activations, at the granularity of its Q8_0 rather than Q8_K's
-// 256), so a group's dot product of codes and q is exact in int32 (vpdpbusd: four u8 x s8 products a lane,
-// twice vdpbf16ps's rate, and the codes need no widening): y += (scale * s) * dot + low * (s * sum(q)).
+// the scale s = amax / 127 (llama.cpp's Q8 activations, at the granularity of its Q8_0), so a group's dot
+// product of codes and q is exact in int32 (vpdpbusd: four u8 x s8 products a lane, twice vdpbf16ps's rate,
+// and the codes need no widening): y += (scale * s) * dot + low * (s * sum(q)). Against K-quant weights the
+// rows are rounded per super-block of 256 inputs instead (llama.cpp's Q8_K, which it pairs with K-quants):
+// with one s for the super-block's groups, y += (d * s) * sum_g(a_g * dot_g) + (dmin * s) * sum_g(b_g * sum(q_g)),
+// one float multiply-add a group where the per-group form needs three (``block_int8_kquant``).
 // A row's rounding and sums depend on that row alone, so rows stay independent as in the bf16 kernel.
 struct Int8Rows {
-  std::vector<int8_t> q;     // [M, K]
-  std::vector<float> scale;  // [M, groups]: s
-  std::vector<float> low;    // [M, groups]: s * sum(q)
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> scale;   // [M, K / span]: s
+  std::vector<float> low;     // [M, groups]: s * sum(q) (rounded per group)
+  std::vector<int32_t> sums;  // [M, groups / 2]: sum(q) of groups 2j, 2j + 1 as the low and high int16 (per 256)
 };
 
+// ``span`` inputs of x rounded to int8 with one scale; ``sums`` [span / group]: each group's sum of q.
 template <typename T>
-void quantize_group(const T* x, int64_t G, int8_t* q, float& scale, float& low, bool reference) {
+void quantize_span(const T* x, int64_t span, int64_t group, int8_t* q, float& scale, int32_t* sums, bool reference) {
 #ifdef QMM_AVX512
-  if (!reference && G % 16 == 0) {
+  if (!reference && group % 16 == 0) {
     auto load = [&](int64_t k) {
       if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(x + k);
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     };
     __m512 top = _mm512_setzero_ps();
-    for (int64_t k = 0; k < G; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load(k)));
+    for (int64_t k = 0; k < span; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load(k)));
     const float amax = _mm512_reduce_max_ps(top), inv = amax > 0.f ? 127.f / amax : 0.f;
-    __m512i total = _mm512_setzero_si512();
-    for (int64_t k = 0; k < G; k += 16) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load(k), _mm512_set1_ps(inv)));  // nearest even
-      total = _mm512_add_epi32(total, v);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+    for (int64_t g = 0; g < span / group; ++g) {
+      __m512i total = _mm512_setzero_si512();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load(k), _mm512_set1_ps(inv)));  // nearest even
+        total = _mm512_add_epi32(total, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+      }
+      sums[g] = _mm512_reduce_add_epi32(total);
     }
-    scale = amax / 127.f, low = scale * static_cast<float>(_mm512_reduce_add_epi32(total));
+    scale = amax / 127.f;
     return;
   }
 #endif
   float amax = 0.f;
-  for (int64_t k = 0; k < G; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  for (int64_t k = 0; k < span; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  int32_t total = 0;
-  for (int64_t k = 0; k < G; ++k) {
-    const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
-    total += v, q[k] = static_cast<int8_t>(v);
+  for (int64_t g = 0; g < span / group; ++g) {
+    int32_t total = 0;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
+      total += v, q[k] = static_cast<int8_t>(v);
+    }
+    sums[g] = total;
   }
-  scale = amax / 127.f, low = scale * static_cast<float>(total);
+  scale = amax / 127.f;
 }
 
-Int8Rows quantize_rows(const at::Tensor& x, int64_t group, bool reference) {
-  const int64_t M = x.size(0), K = x.size(1), groups = K / group;
-  Int8Rows rows{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+// x [M, K] rounded per group (``kquant`` false: scale and low filled) or per super-block of 256 inputs
+// (``kquant``: scale and sums filled).
+Int8Rows quantize_rows(const at::Tensor& x, int64_t group, bool kquant, bool reference) {
+  const int64_t M = x.size(0), K = x.size(1), groups = K / group, span = kquant ? 256 : group, per = span / group;
+  Int8Rows rows{std::vector<int8_t>(M * K), std::vector<float>(M * K / span), {}, {}};
+  if (kquant) rows.sums.resize(M * groups / 2);
+  else rows.low.resize(M * groups);
   auto each = [&](auto* xp) {
-    at::parallel_for(0, M * groups, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        quantize_group(xp + i * group, group, rows.q.data() + i * group, rows.scale[i], rows.low[i], reference);
+    at::parallel_for(0, M * K / span, 64 / per, [&](int64_t begin, int64_t end) {
+      int32_t sums[16];  // a span's groups (at most 256 / 16)
+      for (int64_t i = begin; i < end; ++i) {
+        quantize_span(xp + i * span, span, group, rows.q.data() + i * span, rows.scale[i], sums, reference);
+        if (!kquant) {
+          rows.low[i] = rows.scale[i] * static_cast<float>(sums[0]);
+          continue;
+        }
+        for (int64_t j = 0; j < per / 2; ++j)
+          rows.sums[i * per / 2 + j] = static_cast<int32_t>(static_cast<uint32_t>(sums[2 * j] & 0xFFFF) |
+                                                            (static_cast<uint32_t>(sums[2 * j + 1]) << 16));
+      }
     });
   };
   if (x.scalar_type() == at::kFloat) each(x.data_ptr<float>());
@@ -417,6 +441,35 @@ void tile_scalar_int8(const int8_t* x, int64_t m_rows, int64_t K, const uint8_t*
         for (int k = 0; k < group; ++k) dot += code_at(c, bits, group, t, r, k) * x[m * K + g * group + k];
         const int64_t i = m * groups + g;
         total = std::fma(scale * xscale[i], static_cast<float>(dot), std::fma(low, xlow[i], total));
+      }
+      y[m * BLOCK + r] = total;
+    }
+  }
+}
+
+// The reference of the K-quant int8 kernel (x rounded per super-block of 256 inputs: ``xscale`` [m, K / 256],
+// ``sums`` [m, groups / 2] as quantize_rows packs them), in its order of float operations.
+void tile_scalar_int8_kquant(const int8_t* x, int64_t m_rows, int64_t K, const uint8_t* codes, int t,
+                             const Meta& meta, int64_t bits, int64_t group, const float* xscale,
+                             const int32_t* sums, float* y) {
+  const int64_t groups = K / group, gbytes = group_bytes(bits, group), per = meta.per_super;
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int r = 0; r < TILE; ++r) {
+      float total = 0.f;
+      for (int64_t g0 = 0; g0 < groups; g0 += per) {
+        float sum = 0.f;
+        int32_t low = 0;
+        for (int64_t g = g0; g < g0 + per; ++g) {
+          const uint8_t* c = codes + g * 2 * gbytes;
+          int32_t dot = 0;
+          for (int k = 0; k < group; ++k) dot += code_at(c, bits, group, t, r, k) * x[m * K + g * group + k];
+          sum = std::fma(static_cast<float>(meta.multiplier(g, t)[r]), static_cast<float>(dot), sum);
+          const int32_t pair = sums[m * groups / 2 + g / 2];
+          low += meta.multiplier(g, t)[16 + r] * static_cast<int16_t>(g % 2 ? pair >> 16 : pair & 0xFFFF);
+        }
+        const float s = xscale[m * groups / per + g0 / per];
+        const float d = half_to_float(meta.factor(g0, t)[r]), dmin = half_to_float(meta.factor(g0, t)[16 + r]);
+        total = std::fma(dmin * s, static_cast<float>(low), std::fma(d * s, sum, total));
       }
       y[m * BLOCK + r] = total;
     }
@@ -491,6 +544,96 @@ void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& me
     for (int m = 0; m < R; ++m) {
       _mm512_storeu_ps(y + m * BLOCK, yacc[m][0]);
       _mm512_storeu_ps(y + m * BLOCK + TILE, yacc[m][1]);
+    }
+  }
+}
+
+// R rows of int8 x, rounded per super-block of 256 inputs, times one block of K-quant weights, into y [R, 32]:
+// block_int8's integer dot products, then each group's a_g times its dot into a float sum per row and tile;
+// at each super-block's end, y += (d * s) * sum + (dmin * s) * sum_g(b_g * sum(q_g)), the last in integers
+// (vpdpwssd: b_g of groups 2j, 2j + 1 as int16 pairs times their sums of q, packed the same way).
+template <int BITS, int G, int R>
+void block_int8_kquant(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y,
+                       const float* xscale, const int32_t* sums) {
+  constexpr int64_t gbytes = TILE * G * BITS / 8;
+  constexpr int per = 256 / G;
+  constexpr bool in_registers = R <= 6;
+  const int64_t groups = K / G;
+  __m512 fsum[in_registers ? R : 1][2];
+  alignas(64) float spill[in_registers ? 1 : R * BLOCK];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) _mm512_storeu_ps(y + m * BLOCK, _mm512_setzero_ps()), _mm512_storeu_ps(y + m * BLOCK + TILE, _mm512_setzero_ps());
+  auto quad = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); };
+  auto i8 = [](const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  for (int64_t g0 = 0; g0 < groups; g0 += per) {
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      if (in_registers) fsum[m][0] = fsum[m][1] = _mm512_setzero_ps();
+      else _mm512_store_ps(spill + m * BLOCK, _mm512_setzero_ps()), _mm512_store_ps(spill + m * BLOCK + TILE, _mm512_setzero_ps());
+    }
+    for (int64_t g = g0; g < g0 + per; ++g) {
+      const uint8_t* c = codes + g * 2 * gbytes;
+      const int8_t* xg = x + g * G;
+#pragma GCC unroll 16
+      for (int64_t line = 0; line < 2 * gbytes; line += 64) {  // (past the block's end: harmless, never faults)
+        _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * 2 * gbytes + line), _MM_HINT_T1);
+      }
+      __m512i acc[R][2];
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+      constexpr int units = G / 4;
+#pragma GCC unroll 4
+      for (int u = 0; u < units; u += 2) {
+        __m512i lo0, hi0, lo1, hi1;
+        unit_codes<BITS, G>(c, u, lo0, hi0);
+        unit_codes<BITS, G>(c, u + 1, lo1, hi1);
+        const __m512i a0 = _mm512_unpacklo_epi16(lo0, lo1), a1 = _mm512_unpackhi_epi16(lo0, lo1);
+        const __m512i b0 = _mm512_unpacklo_epi16(hi0, hi1), b1 = _mm512_unpackhi_epi16(hi0, hi1);
+#pragma GCC unroll 8
+        for (int m = 0; m < R; ++m) {
+          const __m512i p = quad(xg + m * K + 2 * u), q = quad(xg + m * K + 2 * (u + units));
+          acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a0, p);
+          acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], a1, p);
+          acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b0, q);
+          acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b1, q);
+        }
+      }
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; ++t) {
+        const __m512 a = _mm512_cvtepi32_ps(i8(meta.multiplier(g, t)));
+#pragma GCC unroll 8
+        for (int m = 0; m < R; ++m) {
+          float* out = spill + m * BLOCK + t * TILE;
+          const __m512 before = in_registers ? fsum[m][t] : _mm512_load_ps(out);
+          const __m512 after = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(acc[m][t]), before);
+          if (in_registers) fsum[m][t] = after;
+          else _mm512_store_ps(out, after);
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; ++t) {
+      __m512i b[per / 2];
+#pragma GCC unroll 8
+      for (int j = 0; j < per / 2; ++j) {
+        const __m512i even = i8(meta.multiplier(g0 + 2 * j, t) + 16), odd = i8(meta.multiplier(g0 + 2 * j + 1, t) + 16);
+        b[j] = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(odd, 16));
+      }
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(meta.factor(g0, t))));
+      const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(meta.factor(g0, t) + 16)));
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        const int32_t* pairs = sums + m * groups / 2 + g0 / 2;
+        __m512i low = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int j = 0; j < per / 2; ++j) low = _mm512_dpwssd_epi32(low, b[j], _mm512_set1_epi32(pairs[j]));
+        const __m512 s = _mm512_set1_ps(xscale[m * groups / per + g0 / per]);
+        const __m512 sum = in_registers ? fsum[m][t] : _mm512_load_ps(spill + m * BLOCK + t * TILE);
+        float* out = y + m * BLOCK + t * TILE;
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_mul_ps(dmin, s), _mm512_cvtepi32_ps(low),
+                                              _mm512_fmadd_ps(_mm512_mul_ps(d, s), sum, _mm512_loadu_ps(out))));
+      }
     }
   }
 }
@@ -674,7 +817,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const bool bf16 = isa == Isa::kAvx512Bf16;
   at::Tensor x = bf16 || (int8 && out_dtype == at::kBFloat16) ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
   // int8: x rounded per group; else each row's sum over each group of inputs [M, groups], in float32
-  const Int8Rows xq = int8 ? quantize_rows(x, group, reference) : Int8Rows{};
+  const Int8Rows xq = int8 ? quantize_rows(x, group, kquant, reference) : Int8Rows{};
   std::vector<float> xsum(int8 ? 0 : M * groups);
   for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
     float total = 0.f;
@@ -708,14 +851,21 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
         const float* sb = sp + m0 * groups;
         if (int8) {
           const int8_t* xb = xq.q.data() + m0 * K;
-          const float *xs = xq.scale.data() + m0 * groups, *xl = xq.low.data() + m0 * groups;
+          const float* xs = xq.scale.data() + m0 * (kquant ? supers : groups);
+          const float* xl = kquant ? nullptr : xq.low.data() + m0 * groups;
+          const int32_t* xp = kquant ? xq.sums.data() + m0 * groups / 2 : nullptr;
           if (isa == Isa::kScalar) {
-            for (int t = 0; t < 2; ++t) tile_scalar_int8(xb, rows, K, cb, t, mb, bits, group, xs, xl, results + t * TILE);
+            for (int t = 0; t < 2; ++t) {
+              if (kquant) tile_scalar_int8_kquant(xb, rows, K, cb, t, mb, bits, group, xs, xp, results + t * TILE);
+              else tile_scalar_int8(xb, rows, K, cb, t, mb, bits, group, xs, xl, results + t * TILE);
+            }
           } else {
 #ifdef QMM_AVX512VNNI
             dispatch_format(bits, group, [&](auto B, auto G) {
               dispatch_rows<MT_BF16>(rows, [&](auto R) {
-                block_int8<decltype(B)::value, decltype(G)::value, decltype(R)::value>(xb, K, cb, mb, results, xs, xl);
+                constexpr int nb = decltype(B)::value, ng = decltype(G)::value, nr = decltype(R)::value;
+                if (kquant) block_int8_kquant<nb, ng, nr>(xb, K, cb, mb, results, xs, xp);
+                else block_int8<nb, ng, nr>(xb, K, cb, mb, results, xs, xl);
               });
             });
 #endif
@@ -775,19 +925,28 @@ at::Tensor qmm_reference(const at::Tensor& x, const at::Tensor& codes, const at:
   return run(x, codes, meta, n, bits, group, bias, swiglu, int8, true);
 }
 
-// x [M, K] (float32 or bf16) rounded to int8 per group as the int8 kernel does: (q int8 [M, K], s [M, K / group],
-// s * sum(q) [M, K / group]); for tests.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qmm_quantize(const at::Tensor& x_in, int64_t group, bool reference) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % group == 0, "qmm_quantize: expected x [M, K], K a multiple of ", group);
+// x [M, K] (float32 or bf16) rounded to int8 as the int8 kernel does, for tests: per group, (q int8 [M, K],
+// s [M, K / group], s * sum(q) [M, K / group]); with ``kquant``, per super-block of 256 inputs, (q, s [M, K / 256],
+// sum(q) per group int32 [M, K / group]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qmm_quantize(const at::Tensor& x_in, int64_t group, bool reference,
+                                                            bool kquant) {
+  const int64_t span = kquant ? 256 : group;
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % span == 0, "qmm_quantize: expected x [M, K], K a multiple of ", span);
   const at::Tensor x = x_in.scalar_type() == at::kBFloat16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  Int8Rows rows = quantize_rows(x, group, reference);
+  Int8Rows rows = quantize_rows(x, group, kquant, reference);
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M, K / group}, x.options().dtype(at::kFloat)), low = at::empty_like(scale);
+  at::Tensor scale = at::empty({M, K / span}, x.options().dtype(at::kFloat));
+  at::Tensor third = at::empty({M, K / group}, x.options().dtype(kquant ? at::kInt : at::kFloat));
   std::memcpy(q.data_ptr(), rows.q.data(), M * K);
   std::memcpy(scale.data_ptr(), rows.scale.data(), scale.numel() * 4);
-  std::memcpy(low.data_ptr(), rows.low.data(), low.numel() * 4);
-  return {q, scale, low};
+  if (kquant) {
+    int32_t* out = third.data_ptr<int32_t>();
+    for (int64_t i = 0; i < third.numel(); ++i) out[i] = static_cast<int16_t>(rows.sums[i / 2] >> (i % 2 ? 16 : 0));
+  } else {
+    std::memcpy(third.data_ptr(), rows.low.data(), third.numel() * 4);
+  }
+  return {q, scale, third};
 }
 
 // The rotary embedding and cache write of one sequence's new tokens, in one op (in eager PyTorch the
@@ -1196,7 +1355,7 @@ TORCH_LIBRARY(via_sd, m) {
         "bool swiglu=False, bool int8=False) -> Tensor");
   m.def("qmm_reference(Tensor x, Tensor codes, Tensor meta, int n, int bits, int group, Tensor? bias=None, "
         "bool swiglu=False, bool int8=False) -> Tensor");
-  m.def("qmm_quantize(Tensor x, int group, bool reference=False) -> (Tensor, Tensor, Tensor)");
+  m.def("qmm_quantize(Tensor x, int group, bool reference=False, bool kquant=False) -> (Tensor, Tensor, Tensor)");
   m.def("qmm_isa(Tensor x, bool int8=False) -> str");
   m.def("attend_short(Tensor grouped, Tensor cache_k, Tensor cache_v, int start, int T) -> Tensor");
   m.def("rms_norm(Tensor(a!) x, Tensor weight, float eps, Tensor? residual=None) -> Tensor");
