@@ -51,8 +51,9 @@ class ModelConfig(_Strict):
     activations: Literal["auto", "dtype", "int8"] = Field(
         "auto", description="Inputs of the packed (int4 / gguf) layers on CPUs. dtype: as the model computes them "
         "(bf16 products summed in float32: a verify pass computes each position exactly as a one-token step); "
-        "int8: each row rounded to int8 per group of 32 (16 for 6-bit groups) inputs and multiplied by the 4-bit "
-        "codes in integers (AVX512-VNNI; llama.cpp's way), ~1.3x faster verify, batched and prefill passes; "
+        "int8: each row rounded to int8 (one scale per 256 inputs against a GGUF K-quant's weights, llama.cpp's "
+        "Q8_K; else per group of 32) and multiplied by the codes in integers (AVX512-VNNI; llama.cpp's way): verify "
+        "passes ~1.3-1.45x faster, batched rows ~1.25x, prefill ~1.55x; "
         "rows stay independent (greedy sd still equals ar), but the outputs drift from the dtype's as far as "
         "the rounding takes them (README, Activations). auto: int8 for the drafter (its errors cost only "
         "acceptance) where the CPU has AVX512-VNNI, else dtype.")

@@ -8,7 +8,8 @@ a multi-token pass costs little more than a one-token one; torch's own CPU int4 
 kernel whose cost grows with M, and no torchao layout runs int4 weight-only on x86 CPUs (README, precision).
 Activations stay in the model's dtype: bf16 products accumulate in float32 (``vdpbf16ps``, AVX512-BF16),
 float32 activations in float32 (AVX2 FMA); or, with ``int8=True`` (``activations: int8``), each row rounded to
-int8 per group and multiplied by the codes in integers (``vpdpbusd``, AVX512-VNNI; ``quantize``).
+int8 per group (per super-block of 256 inputs against a GGUF K-quant's weights, as llama.cpp pairs its Q8_K
+with them) and multiplied by the codes in integers (``vpdpbusd``, AVX512-VNNI; ``quantize``).
 
 The kernel is compiled with ``-march=native`` by ``torch.utils.cpp_extension`` (about 15 s, once per
 machine: cached under ``TORCH_EXTENSIONS_DIR``, named by the CPU's features and the source, so a cache

@@ -62,7 +62,7 @@ class PackedLinear(nn.Module):
     group and output row, packed for the grouped CPU kernel (``models/qmm.py``). Built from a float layer
     (``PackedLinear.from_float``: int4, each group's min and max span the codes 0..15) or from codes a
     checkpoint already holds (``from_codes``: a GGUF file's Q4 blocks at 4 bits, its Q5 / Q6_K blocks at 6,
-    models/gguf_blocks.py). ``int8``: its input rows rounded to int8 per group (``round_activations``)."""
+    models/gguf_blocks.py). ``int8``: its input rows rounded to int8 (``round_activations``, ``qmm.quantize``)."""
 
     int8 = False
 

@@ -3,7 +3,8 @@
 // as a 4-bit plane and a 2-bit plane, 6 bits a code). One pass over the packed weights serves all M rows
 // of x, so a verify block or a batch of decode rows reads each weight once. The activations stay in the
 // model's dtype (bf16 products accumulate in float32), or, asked for (``int8``), are rounded to int8 per
-// group and multiplied in integers (``block_int8``, AVX512-VNNI).
+// group (per super-block against K-quant weights) and multiplied in integers (``block_int8``,
+// ``block_int8_kquant``; AVX512-VNNI).
 //
 // Packed layout (built by via_sd_ray/models/qmm.py:pack), per block of 32 output rows (two tiles of 16)
 // and group, so that a thread streams its blocks' weights in one run:
