@@ -257,6 +257,19 @@ inline void meta512(const Meta& meta, int64_t g, int t, __m512& sc, __m512& lo) 
 }
 #endif
 
+#ifdef QMM_AVX512
+// The codes of the group PREFETCH groups past ``c`` (a group of BYTES, both tiles) asked into L1, and of the one
+// PREFETCH_L2 past it into L2 (past the block's end: harmless, never faults).
+template <int64_t BYTES>
+inline void prefetch_ahead(const uint8_t* c) {
+#pragma GCC unroll 16
+  for (int64_t line = 0; line < BYTES; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * BYTES + line), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * BYTES + line), _MM_HINT_T1);
+  }
+}
+#endif
+
 #ifdef QMM_AVX512BF16
 // bf16 x, AVX512-BF16: 16 rows in one vector, each vdpbf16ps a pair of inputs. A block is two tiles (32
 // rows), so each broadcast pair of x feeds two vdpbf16ps (a broadcast costs a vector uop on some cores,
@@ -296,11 +309,7 @@ void block_bf16(const uint16_t* x, int64_t K, const uint8_t* codes, const Meta& 
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* c = codes + g * 2 * gbytes;
     const uint16_t* xg = x + g * G;
-#pragma GCC unroll 16
-    for (int64_t line = 0; line < 2 * gbytes; line += 64) {  // (past the block's end: harmless, never faults)
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * 2 * gbytes + line), _MM_HINT_T1);
-    }
+    prefetch_ahead<2 * gbytes>(c);
     __m512 acc[R][2];
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -478,14 +487,42 @@ void tile_scalar_int8_kquant(const int8_t* x, int64_t m_rows, int64_t K, const u
 }
 
 #ifdef QMM_AVX512VNNI
-// R rows of int8 x times one block, into y [R, 32] (as block_bf16). Two units of codes as bytes make each
-// tile's 16 rows x 4 inputs: interleaving their 16-bit words (within 16-byte lanes, where the tiles alternate
-// by 8 bytes) puts pair u and pair u + 1 of a row in one 32-bit lane, what vpdpbusd multiplies with a
-// broadcast quad of x.
+// Group g's integer dot products of a block's codes and R rows of int8 x, into acc [R][2 tiles]. Two units of
+// codes as bytes make each tile's 16 rows x 4 inputs: interleaving their 16-bit words (within 16-byte lanes,
+// where the tiles alternate by 8 bytes) puts pair u and pair u + 1 of a row in one 32-bit lane, what vpdpbusd
+// multiplies with a broadcast quad of x. (Inlined, so that acc stays in registers.)
+template <int BITS, int G, int R>
+__attribute__((always_inline)) inline void group_dots(const int8_t* x, int64_t K, const uint8_t* codes, int64_t g, __m512i acc[R][2]) {
+  constexpr int64_t gbytes = TILE * G * BITS / 8;
+  auto quad = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); };
+  const uint8_t* c = codes + g * 2 * gbytes;
+  const int8_t* xg = x + g * G;
+  prefetch_ahead<2 * gbytes>(c);
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  constexpr int units = G / 4;
+#pragma GCC unroll 4
+  for (int u = 0; u < units; u += 2) {
+    __m512i lo0, hi0, lo1, hi1;
+    unit_codes<BITS, G>(c, u, lo0, hi0);
+    unit_codes<BITS, G>(c, u + 1, lo1, hi1);
+    const __m512i a0 = _mm512_unpacklo_epi16(lo0, lo1), a1 = _mm512_unpackhi_epi16(lo0, lo1);
+    const __m512i b0 = _mm512_unpacklo_epi16(hi0, hi1), b1 = _mm512_unpackhi_epi16(hi0, hi1);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      const __m512i p = quad(xg + m * K + 2 * u), q = quad(xg + m * K + 2 * (u + units));
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a0, p);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], a1, p);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b0, q);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b1, q);
+    }
+  }
+}
+
+// R rows of int8 x times one block, into y [R, 32] (as block_bf16), a group's dot products at a time.
 template <int BITS, int G, int R>
 void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y, const float* xscale,
                 const float* xlow) {
-  constexpr int64_t gbytes = TILE * G * BITS / 8;
   constexpr bool in_registers = R <= 6;
   const int64_t groups = K / G;
   __m512 yacc[in_registers ? R : 1][2];
@@ -494,35 +531,9 @@ void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& me
     if (in_registers) yacc[m][0] = yacc[m][1] = _mm512_setzero_ps();
     else _mm512_storeu_ps(y + m * BLOCK, _mm512_setzero_ps()), _mm512_storeu_ps(y + m * BLOCK + TILE, _mm512_setzero_ps());
   }
-  auto quad = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); };
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* c = codes + g * 2 * gbytes;
-    const int8_t* xg = x + g * G;
-#pragma GCC unroll 16
-    for (int64_t line = 0; line < 2 * gbytes; line += 64) {  // (past the block's end: harmless, never faults)
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * 2 * gbytes + line), _MM_HINT_T1);
-    }
     __m512i acc[R][2];
-#pragma GCC unroll 8
-    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-    constexpr int units = G / 4;
-#pragma GCC unroll 4
-    for (int u = 0; u < units; u += 2) {
-      __m512i lo0, hi0, lo1, hi1;
-      unit_codes<BITS, G>(c, u, lo0, hi0);
-      unit_codes<BITS, G>(c, u + 1, lo1, hi1);
-      const __m512i a0 = _mm512_unpacklo_epi16(lo0, lo1), a1 = _mm512_unpackhi_epi16(lo0, lo1);
-      const __m512i b0 = _mm512_unpacklo_epi16(hi0, hi1), b1 = _mm512_unpackhi_epi16(hi0, hi1);
-#pragma GCC unroll 8
-      for (int m = 0; m < R; ++m) {
-        const __m512i p = quad(xg + m * K + 2 * u), q = quad(xg + m * K + 2 * (u + units));
-        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a0, p);
-        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], a1, p);
-        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b0, q);
-        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b1, q);
-      }
-    }
+    group_dots<BITS, G, R>(x, K, codes, g, acc);
 #pragma GCC unroll 2
     for (int t = 0; t < 2; ++t) {
       __m512 sc, lo;
@@ -556,7 +567,6 @@ void block_int8(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& me
 template <int BITS, int G, int R>
 void block_int8_kquant(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y,
                        const float* xscale, const int32_t* sums) {
-  constexpr int64_t gbytes = TILE * G * BITS / 8;
   constexpr int per = 256 / G;
   constexpr bool in_registers = R <= 6;
   const int64_t groups = K / G;
@@ -564,7 +574,6 @@ void block_int8_kquant(const int8_t* x, int64_t K, const uint8_t* codes, const M
   alignas(64) float spill[in_registers ? 1 : R * BLOCK];
 #pragma GCC unroll 8
   for (int m = 0; m < R; ++m) _mm512_storeu_ps(y + m * BLOCK, _mm512_setzero_ps()), _mm512_storeu_ps(y + m * BLOCK + TILE, _mm512_setzero_ps());
-  auto quad = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); };
   auto i8 = [](const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
   for (int64_t g0 = 0; g0 < groups; g0 += per) {
 #pragma GCC unroll 8
@@ -573,33 +582,8 @@ void block_int8_kquant(const int8_t* x, int64_t K, const uint8_t* codes, const M
       else _mm512_store_ps(spill + m * BLOCK, _mm512_setzero_ps()), _mm512_store_ps(spill + m * BLOCK + TILE, _mm512_setzero_ps());
     }
     for (int64_t g = g0; g < g0 + per; ++g) {
-      const uint8_t* c = codes + g * 2 * gbytes;
-      const int8_t* xg = x + g * G;
-#pragma GCC unroll 16
-      for (int64_t line = 0; line < 2 * gbytes; line += 64) {  // (past the block's end: harmless, never faults)
-        _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH * 2 * gbytes + line), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH_L2 * 2 * gbytes + line), _MM_HINT_T1);
-      }
       __m512i acc[R][2];
-#pragma GCC unroll 8
-      for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-      constexpr int units = G / 4;
-#pragma GCC unroll 4
-      for (int u = 0; u < units; u += 2) {
-        __m512i lo0, hi0, lo1, hi1;
-        unit_codes<BITS, G>(c, u, lo0, hi0);
-        unit_codes<BITS, G>(c, u + 1, lo1, hi1);
-        const __m512i a0 = _mm512_unpacklo_epi16(lo0, lo1), a1 = _mm512_unpackhi_epi16(lo0, lo1);
-        const __m512i b0 = _mm512_unpacklo_epi16(hi0, hi1), b1 = _mm512_unpackhi_epi16(hi0, hi1);
-#pragma GCC unroll 8
-        for (int m = 0; m < R; ++m) {
-          const __m512i p = quad(xg + m * K + 2 * u), q = quad(xg + m * K + 2 * (u + units));
-          acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a0, p);
-          acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], a1, p);
-          acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b0, q);
-          acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b1, q);
-        }
-      }
+      group_dots<BITS, G, R>(x, K, codes, g, acc);
 #pragma GCC unroll 2
       for (int t = 0; t < 2; ++t) {
         const __m512 a = _mm512_cvtepi32_ps(i8(meta.multiplier(g, t)));
