@@ -801,7 +801,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const Isa isa = isa_for(out_dtype, int8, reference);
   const bool bf16 = isa == Isa::kAvx512Bf16;
   at::Tensor x = bf16 || (int8 && out_dtype == at::kBFloat16) ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  // int8: x rounded per group; else each row's sum over each group of inputs [M, groups], in float32
+  // int8: x rounded (per group, or per super-block against K-quants); else each row's sum over each group of
+  // inputs [M, groups], in float32
   const Int8Rows xq = int8 ? quantize_rows(x, group, kquant, reference) : Int8Rows{};
   std::vector<float> xsum(int8 ? 0 : M * groups);
   for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
