@@ -134,7 +134,7 @@ def test_int8_activations_resolve_per_tier_and_need_packed_layers_on_vnni(monkey
         resolve_activations("int8", "bf16", "cpu")
     monkeypatch.setattr(qmm, "int8_available", lambda: "this CPU has no AVX512-VNNI")
     assert resolve_activations("auto", "int4", "cpu", drafter=True) is False
-    with pytest.raises(ConfigError, match="activations: 'int8' needs the qmm kernel with AVX512-VNNI: this CPU"):
+    with pytest.raises(ConfigError, match="'int8' needs the qmm kernel with AVX512-VNNI or AVX2: this CPU"):
         resolve_activations("int8", "int4", "cpu")
     with pytest.raises(ConfigError, match="models.verifier.activations: expected 'auto', 'dtype' or 'int8'"):
         parse_config({"models": {"verifier": {"activations": "int4"}}})

@@ -84,8 +84,8 @@ def test_k_quant_scales_are_kept_exactly_and_compute_as_the_fp16_ones(bits, grou
 def test_the_kernels_isa_is_reported():
     assert qmm.isa(torch.float32) in ("avx2", "scalar")
     assert qmm.isa(torch.bfloat16) in ("avx512bf16", "avx2", "scalar")
-    assert qmm.isa(torch.bfloat16, int8=True) in ("avx512vnni", "scalar")
-    assert (qmm.int8_available() is None) == (qmm.isa(torch.float32, int8=True) == "avx512vnni")
+    assert qmm.isa(torch.bfloat16, int8=True) in ("avx512vnni", "avx2", "scalar")
+    assert (qmm.int8_available() is None) == (qmm.isa(torch.float32, int8=True) != "scalar")
 
 
 @pytest.mark.parametrize("bits, group", qmm.FORMATS)
@@ -162,6 +162,25 @@ def test_swiglu_epilogue_is_silu_to_float32_rounding_and_the_same_in_every_path(
         kernel = qmm.matmul(xd, fused.codes, fused.meta, 128, 4, 32, swiglu=True, int8=True)
         reference = torch.ops.via_sd.qmm_reference(xd, fused.codes, fused.meta, 128, 4, 32, None, True, True)
         assert torch.equal(kernel, reference.to(kernel.dtype)), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_short_equals_causal_attention_in_float64(dtype):
+    """The C++ attention of a few queries (AVX512, AVX2 or scalar, whichever this CPU runs) against float64
+    softmax attention: head sizes that fill the vectors or not, key counts off the vector width, GQA."""
+    gen = torch.Generator().manual_seed(0)
+    for d, kv_heads, g, t, start in ((16, 1, 2, 1, 0), (48, 2, 3, 3, 5), (128, 2, 6, 4, 37), (24, 1, 1, 2, 9)):
+        cache_k = torch.randn(kv_heads, 64, d, generator=gen).to(dtype)
+        cache_v = torch.randn(kv_heads, 64, d, generator=gen).to(dtype)
+        grouped = (torch.randn(kv_heads, g * t, d, generator=gen) * d**-0.5).to(dtype)
+        got = torch.ops.via_sd.attend_short(grouped, cache_k, cache_v, start, t)
+        q = grouped.double().view(kv_heads, g, t, d)
+        scores = torch.einsum("hgtd,hsd->hgts", q, cache_k.double()[:, : start + t])
+        seen = torch.arange(start + t)[None, :] <= start + torch.arange(t)[:, None]  # [t, s]
+        weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        want = torch.einsum("hgts,hsd->thgd", weights, cache_v.double()[:, : start + t]).reshape(t, -1)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert float((got.double() - want).abs().max()) <= tol, (d, kv_heads, g, t, start)
 
 
 def test_rope_write_equals_the_tensor_ops_it_replaces():

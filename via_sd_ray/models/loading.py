@@ -152,8 +152,8 @@ def resolve_precision(precision: str, resolved: ResolvedSource, device: str, dra
 
 def resolve_activations(activations: str, precision: str, device: str, drafter: bool = False) -> bool:
     """Whether the packed layers take int8 inputs (``activations``: auto, dtype or int8) for a model at
-    ``precision`` (concrete) on ``device``: auto is int8 for a drafter where AVX512-VNNI runs it; int8 needs
-    packed layers on a CPU that has it."""
+    ``precision`` (concrete) on ``device``: auto is int8 for a drafter where a vector int8 kernel runs it
+    (AVX512-VNNI or AVX2); int8 needs packed layers on a CPU that has one."""
     packed = torch.device(device).type == "cpu" and precision in ("int4", "gguf")
     if activations == "auto":
         return drafter and packed and qmm.int8_available() is None
@@ -162,8 +162,8 @@ def resolve_activations(activations: str, precision: str, device: str, drafter: 
             raise ConfigError(f"activations: 'int8' rounds the inputs of packed layers (precision int4 or gguf on a "
                               f"CPU), received it with precision {precision!r} on {device!r}; use 'dtype'")
         if qmm.int8_available() is not None:
-            raise ConfigError(f"activations: 'int8' needs the qmm kernel with AVX512-VNNI: {qmm.int8_available()}; "
-                              "use 'dtype'")
+            raise ConfigError("activations: 'int8' needs the qmm kernel with AVX512-VNNI or AVX2: "
+                              f"{qmm.int8_available()}; use 'dtype'")
         return True
     return False
 

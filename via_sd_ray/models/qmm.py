@@ -9,7 +9,8 @@ kernel whose cost grows with M, and no torchao layout runs int4 weight-only on x
 Activations stay in the model's dtype: bf16 products accumulate in float32 (``vdpbf16ps``, AVX512-BF16),
 float32 activations in float32 (AVX2 FMA); or, with ``int8=True`` (``activations: int8``), each row rounded to
 int8 per group (per super-block of 256 inputs against a GGUF K-quant's weights, as llama.cpp pairs its Q8_K
-with them) and multiplied by the codes in integers (``vpdpbusd``, AVX512-VNNI; ``quantize``).
+with them) and multiplied by the codes in integers (``vpdpbusd``, AVX512-VNNI; ``vpmaddubsw``, AVX2: the same
+bits; ``quantize``).
 
 The kernel is compiled with ``-march=native`` by ``torch.utils.cpp_extension`` (about 15 s, once per
 machine: cached under ``TORCH_EXTENSIONS_DIR``, named by the CPU's features and the source, so a cache
@@ -100,10 +101,10 @@ def isa(dtype: torch.dtype, int8: bool = False) -> str:
 
 
 def int8_available() -> str | None:
-    """None when int8 activations run on a vector kernel here (AVX512-VNNI), else why not."""
+    """None when int8 activations run on a vector kernel here (AVX512-VNNI or AVX2), else why not."""
     reason = available()
-    if reason is None and isa(torch.float32, int8=True) != "avx512vnni":
-        reason = "this CPU has no AVX512-VNNI (int8 activations would run on the scalar reference)"
+    if reason is None and isa(torch.float32, int8=True) == "scalar":
+        reason = "this CPU has neither AVX512-VNNI nor AVX2 (int8 activations would run on the scalar reference)"
     return reason
 
 

@@ -57,6 +57,9 @@ namespace {
 constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
 constexpr int BLOCK = 32;  // output rows per block: two tiles
 constexpr int MT = 4;      // rows of x per register block (AVX2: 16 vector registers)
+// rows of x per register block of the AVX2 int8 kernel: 4 (the 1.5B's gate/up and down at 5, 11 and 128 rows on
+// Zen 3: 2 and 3 rows 5-30 % slower, though 4 rows' running sums leave the 16 registers)
+constexpr int MT_INT8_AVX2 = 4;
 constexpr int MT_BF16 = 8; // rows of x per register block (AVX512: 32 vector registers)
 // rows of x per register block in a long pass (> 16 rows, a prefill chunk; AVX512): 6, whose running sums stay
 // in registers, rather than 8, whose sums go through memory every group (the 1.5B's layers at 128 rows, Zen 4:
@@ -142,6 +145,11 @@ void tile_scalar(const float* x, int64_t m_rows, int64_t K, const uint8_t* codes
 }
 
 #ifdef QMM_AVX2
+// 2^n for integral n in -126..127 (float lanes), as an exponent field
+inline __m256 two_to(__m256 n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
 // Rows 8 * half .. 8 * half + 7 of tile t's scale and low in group g.
 inline void meta256(const Meta& meta, int64_t g, int t, int half, __m256& sc, __m256& lo) {
   auto f16 = [](const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
@@ -177,6 +185,7 @@ void block_avx2(const float* x, int64_t K, const uint8_t* codes, int t, const Me
     __m256 acc[R][2];
     for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     constexpr int pairs = G / 2;
+#pragma GCC unroll 16  // unrolled, p's branches and shifts are constants: ~4x faster (Zen 3, GCC 12)
     for (int p = 0; p < pairs; ++p) {
       // the 32 bytes of rows x (k, k+1) for this pair
       constexpr int units = G / 4;
@@ -389,6 +398,37 @@ void quantize_span(const T* x, int64_t span, int64_t group, int8_t* q, float& sc
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
       }
       sums[g] = _mm512_reduce_add_epi32(total);
+    }
+    scale = amax / 127.f;
+    return;
+  }
+#elif defined(QMM_AVX2)
+  if (!reference && group % 16 == 0) {
+    auto load = [&](int64_t k) {
+      if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(x + k);
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    };
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 top = _mm256_setzero_ps();
+    for (int64_t k = 0; k < span; k += 8) top = _mm256_max_ps(top, _mm256_and_ps(load(k), magnitude));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half))), inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t g = 0; g < span / group; ++g) {
+      __m256i total = _mm256_setzero_si256();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        // nearest even, as std::nearbyint; |v| <= 127, so the packs never saturate
+        const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(load(k), _mm256_set1_ps(inv)));
+        const __m256i v1 = _mm256_cvtps_epi32(_mm256_mul_ps(load(k + 8), _mm256_set1_ps(inv)));
+        total = _mm256_add_epi32(total, _mm256_add_epi32(v0, v1));
+        const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                         _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+      }
+      __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
+      sums[g] = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1)));
     }
     scale = amax / 127.f;
     return;
@@ -624,6 +664,162 @@ void block_int8_kquant(const int8_t* x, int64_t K, const uint8_t* codes, const M
 }
 #endif
 
+#ifdef QMM_AVX2
+// int8 x on AVX2 (no VNNI): vpmaddubsw multiplies a 32-bit lane's four u8 codes by a broadcast quad of x into two
+// int16 sums, and vpmaddwd with ones adds those into the lane's int32, the integer dot products vpdpbusd makes.
+// With 4-bit codes a group's int16 sums add up before that (at most 8 x 2 x 15 x 127 = 30480 a lane for G = 32);
+// 6-bit codes (2 x 63 x 127 = 16002 each) go to int32 two at a time. The float operations after are
+// block_int8's and block_int8_kquant's, in the same order, so the results equal the VNNI kernels' (and the
+// scalar reference) bit for bit, whichever of the two CPUs runs a model.
+//
+// A 32-byte half h of a unit holds rows 8h..8h+7 of both tiles (tiles alternating by 8 bytes within each
+// 16-byte lane); interleaving the words of two units' halves puts a row's pairs u and u + 1 in one 32-bit lane.
+
+// Group g's dot products of rows 8h..8h+7 of both tiles with R rows of int8 x, into acc [R][2 tiles] (int32).
+template <int BITS, int G, int R>
+__attribute__((always_inline)) inline void group_dots_avx2(const int8_t* x, int64_t K, const uint8_t* codes, int64_t g,
+                                                           int h, __m256i acc[R][2]) {
+  constexpr int64_t gbytes = TILE * G * BITS / 8;
+  constexpr int units = G / 4, top_units = G / 8;
+  const uint8_t* c = codes + g * 2 * gbytes + 32 * h;
+  const int8_t* xg = x + g * G;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+  auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  auto quad = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); };
+  // unit u's codes as bytes: ``lo`` the pair of inputs u, ``hi`` the pair u + G/4 (as unit_codes)
+  auto unit = [&](int u, __m256i& lo, __m256i& hi) {
+    const __m256i v = load(c + u * 64);
+    lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    if (BITS == 6) {
+      const int s = 2 * (u / top_units);
+      const __m256i t = load(c + G * 16 + (u % top_units) * 64);
+      lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(t, 4 - s), top));
+      hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi16(t, s), top));
+    }
+  };
+  __m256i sum16[R][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) sum16[m][0] = sum16[m][1] = acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+  for (int u = 0; u < units; u += 2) {
+    __m256i lo0, hi0, lo1, hi1;
+    unit(u, lo0, hi0);
+    unit(u + 1, lo1, hi1);
+    const __m256i a0 = _mm256_unpacklo_epi16(lo0, lo1), a1 = _mm256_unpackhi_epi16(lo0, lo1);
+    const __m256i b0 = _mm256_unpacklo_epi16(hi0, hi1), b1 = _mm256_unpackhi_epi16(hi0, hi1);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      const __m256i p = quad(xg + m * K + 2 * u), q = quad(xg + m * K + 2 * (u + units));
+      const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, p), _mm256_maddubs_epi16(b0, q));
+      const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(a1, p), _mm256_maddubs_epi16(b1, q));
+      if (BITS == 4) {
+        sum16[m][0] = _mm256_add_epi16(sum16[m][0], s0), sum16[m][1] = _mm256_add_epi16(sum16[m][1], s1);
+      } else {
+        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(s0, ones));
+        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(s1, ones));
+      }
+    }
+  }
+  if (BITS == 4) {
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) acc[m][0] = _mm256_madd_epi16(sum16[m][0], ones), acc[m][1] = _mm256_madd_epi16(sum16[m][1], ones);
+  }
+}
+
+// R rows of int8 x times one block, into y [R, 32]: block_int8's arithmetic, a half-tile of rows at a time.
+template <int BITS, int G, int R>
+void block_int8_avx2(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y, const float* xscale,
+                     const float* xlow) {
+  const int64_t groups = K / G;
+  __m256 yacc[R][2][2];  // [row][tile][half]
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+    for (int t = 0; t < 2; ++t) yacc[m][t][0] = yacc[m][t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256i acc[R][2];
+      group_dots_avx2<BITS, G, R>(x, K, codes, g, h, acc);
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; ++t) {
+        __m256 sc, lo;
+        meta256(meta, g, t, h, sc, lo);
+#pragma GCC unroll 8
+        for (int m = 0; m < R; ++m) {
+          const int64_t i = m * groups + g;
+          yacc[m][t][h] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(xscale[i])), _mm256_cvtepi32_ps(acc[m][t]),
+                                          _mm256_fmadd_ps(lo, _mm256_set1_ps(xlow[i]), yacc[m][t][h]));
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+    for (int t = 0; t < 2; ++t)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + m * BLOCK + t * TILE + 8 * h, yacc[m][t][h]);
+}
+
+// R rows of int8 x, rounded per super-block of 256 inputs, times one block of K-quant weights, into y [R, 32]:
+// block_int8_kquant's arithmetic (vpdpwssd's pairs of int16 products as vpmaddwd), a half-tile at a time.
+template <int BITS, int G, int R>
+void block_int8_kquant_avx2(const int8_t* x, int64_t K, const uint8_t* codes, const Meta& meta, float* y,
+                            const float* xscale, const int32_t* sums) {
+  constexpr int per = 256 / G;
+  const int64_t groups = K / G;
+  auto i8 = [](const int8_t* p) {
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  };
+  auto f16 = [](const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  __m256 yacc[R][2][2];  // [row][tile][half]
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+    for (int t = 0; t < 2; ++t) yacc[m][t][0] = yacc[m][t][1] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += per) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256 fsum[R][2];
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) fsum[m][0] = fsum[m][1] = _mm256_setzero_ps();
+      for (int64_t g = g0; g < g0 + per; ++g) {
+        __m256i acc[R][2];
+        group_dots_avx2<BITS, G, R>(x, K, codes, g, h, acc);
+#pragma GCC unroll 2
+        for (int t = 0; t < 2; ++t) {
+          const __m256 a = _mm256_cvtepi32_ps(i8(meta.multiplier(g, t) + 8 * h));
+#pragma GCC unroll 8
+          for (int m = 0; m < R; ++m) fsum[m][t] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(acc[m][t]), fsum[m][t]);
+        }
+      }
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; ++t) {
+        __m256i b[per / 2];
+#pragma GCC unroll 8
+        for (int j = 0; j < per / 2; ++j) {
+          const __m256i even = i8(meta.multiplier(g0 + 2 * j, t) + 16 + 8 * h);
+          const __m256i odd = i8(meta.multiplier(g0 + 2 * j + 1, t) + 16 + 8 * h);
+          b[j] = _mm256_or_si256(_mm256_and_si256(even, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(odd, 16));
+        }
+        const __m256 d = f16(meta.factor(g0, t) + 8 * h), dmin = f16(meta.factor(g0, t) + 16 + 8 * h);
+#pragma GCC unroll 8
+        for (int m = 0; m < R; ++m) {
+          const int32_t* pairs = sums + m * groups / 2 + g0 / 2;
+          __m256i low = _mm256_setzero_si256();
+#pragma GCC unroll 8
+          for (int j = 0; j < per / 2; ++j) low = _mm256_add_epi32(low, _mm256_madd_epi16(b[j], _mm256_set1_epi32(pairs[j])));
+          const __m256 s = _mm256_set1_ps(xscale[m * groups / per + g0 / per]);
+          yacc[m][t][h] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, s), _mm256_cvtepi32_ps(low),
+                                          _mm256_fmadd_ps(_mm256_mul_ps(d, s), fsum[m][t], yacc[m][t][h]));
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+    for (int t = 0; t < 2; ++t)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + m * BLOCK + t * TILE + 8 * h, yacc[m][t][h]);
+}
+#endif
+
 // fn(R) for rows = R in 1..MAX (a compile-time R)
 template <int MAX, typename Fn>
 void dispatch_rows(int64_t rows, Fn&& fn) {
@@ -647,8 +843,10 @@ enum class Isa { kScalar, kAvx2, kAvx512Bf16, kAvx512Vnni };
 Isa isa_for(at::ScalarType dtype, bool int8, bool reference) {
   if (reference) return Isa::kScalar;
   if (int8) {
-#ifdef QMM_AVX512VNNI
+#if defined(QMM_AVX512VNNI)
     return Isa::kAvx512Vnni;
+#elif defined(QMM_AVX2)
+    return Isa::kAvx2;
 #else
     return Isa::kScalar;
 #endif
@@ -721,6 +919,31 @@ inline void store16(T* out, __m512 v) {
 }
 #endif
 
+#if defined(QMM_AVX2) && !defined(QMM_AVX512)
+// exp_cephes and silu_times on 8 lanes: the same operations (2^n as an exponent field: n is in -126..127 after
+// the clamp, so the product is scalef's and ldexp's, bit for bit)
+inline __m256 exp_cephes(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  return _mm256_mul_ps(y, two_to(n));
+}
+
+inline __m256 silu_times(__m256 g, __m256 up) {
+  const __m256 e = exp_cephes(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), up);
+}
+#endif
+
 // What follows a block's float32 results [rows][32] into the output row(s): a bias, or SwiGLU (the block's
 // first tile holds 16 gate rows, its second the 16 matching up rows: out = silu(gate) * up, 16 columns).
 // A whole block's outputs go out as vectors (AVX512), a partial one's one by one: the same bits.
@@ -745,6 +968,21 @@ struct Epilogue {
             const __m512 v = _mm512_loadu_ps(r + t * TILE);
             const float* add = bias ? bias + b * BLOCK + t * TILE : nullptr;
             store16(out + b * BLOCK + t * TILE, add ? _mm512_add_ps(v, _mm512_loadu_ps(add)) : v);
+          }
+        }
+        return;
+      }
+    }
+#elif defined(QMM_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      if ((b + 1) * (swiglu ? TILE : BLOCK) <= columns) {
+        for (int64_t m = 0; m < rows; ++m) {
+          const float* r = block + m * BLOCK;
+          float* out = y + m * columns;
+          for (int i = 0; i < (swiglu ? TILE : BLOCK); i += 8) {
+            const __m256 v = _mm256_loadu_ps(r + i);
+            if (swiglu) _mm256_storeu_ps(out + b * TILE + i, silu_times(v, _mm256_loadu_ps(r + TILE + i)));
+            else _mm256_storeu_ps(out + b * BLOCK + i, bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + b * BLOCK + i)) : v);
           }
         }
         return;
@@ -826,7 +1064,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const int64_t block_bytes = groups * 2 * gbytes;
   // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
   // row is latency-bound)
-  const int64_t mt = !(bf16 || int8) ? MT : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
+  const bool wide = bf16 || isa == Isa::kAvx512Vnni;  // AVX512's 32 registers
+  const int64_t mt = !wide ? (int8 ? MT_INT8_AVX2 : MT) : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
   auto work = [&](int64_t begin, int64_t end) {
     alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
@@ -852,6 +1091,14 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
                 constexpr int nb = decltype(B)::value, ng = decltype(G)::value, nr = decltype(R)::value;
                 if (kquant) block_int8_kquant<nb, ng, nr>(xb, K, cb, mb, results, xs, xp);
                 else block_int8<nb, ng, nr>(xb, K, cb, mb, results, xs, xl);
+              });
+            });
+#elif defined(QMM_AVX2)
+            dispatch_format(bits, group, [&](auto B, auto G) {
+              dispatch_rows<MT_INT8_AVX2>(rows, [&](auto R) {
+                constexpr int nb = decltype(B)::value, ng = decltype(G)::value, nr = decltype(R)::value;
+                if (kquant) block_int8_kquant_avx2<nb, ng, nr>(xb, K, cb, mb, results, xs, xp);
+                else block_int8_avx2<nb, ng, nr>(xb, K, cb, mb, results, xs, xl);
               });
             });
 #endif
@@ -1099,6 +1346,81 @@ void attend_row_avx512(const T* q, const T* keys, const T* values, int64_t S, in
 }
 #endif
 
+#if defined(QMM_AVX2) && !defined(__AVX512F__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline float sum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+// exp16's polynomial on 8 lanes, for x <= 0
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  return _mm256_mul_ps(p, two_to(n));
+}
+
+// attend_row_avx512 on 8 lanes (AVX2 without AVX512: the scalar row's strict float order keeps the compiler
+// from vectorizing its dot products, ~20x slower)
+template <typename T>
+void attend_row_avx2(const T* q, const T* keys, const T* values, int64_t S, int64_t D, float* scores, T* out) {
+  float qf[256];
+  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]);
+  for (int64_t s = 0; s < S; ++s) {
+    const T* k = keys + s * D;
+    __m256 acc0 = _mm256_mul_ps(_mm256_loadu_ps(qf), load8(k)), acc1 = _mm256_mul_ps(_mm256_loadu_ps(qf + 8), load8(k + 8));
+    for (int64_t d = 16; d < D; d += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(k + d), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d + 8), load8(k + d + 8), acc1);
+    }
+    scores[s] = sum8(_mm256_add_ps(acc0, acc1));
+  }
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) top = std::max(top, scores[s]);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + s, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float sum = sum8(sums);
+  for (; s < S; ++s) {
+    scores[s] = std::exp(scores[s] - top);
+    sum += scores[s];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t c = 0; c < D; c += 32) {  // 32 outputs at a time in registers
+    const int64_t width = std::min<int64_t>(32, D - c);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t t = 0; t < S; ++t) {
+      const __m256 w = _mm256_set1_ps(scores[t]);
+      const T* v = values + t * D + c;
+      for (int64_t i = 0; i < width / 8; ++i) acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
+    }
+    for (int64_t i = 0; i < width / 8; ++i) {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
+      for (int j = 0; j < 8; ++j) out[c + 8 * i + j] = static_cast<T>(tmp[j]);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void attend_row_scalar(const T* q, const T* keys, const T* values, int64_t S, int64_t D, at::opmath_type<T>* scores,
                        T* out) {
@@ -1147,6 +1469,13 @@ at::Tensor attend_short(const at::Tensor& grouped, const at::Tensor& cache_k, co
         if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
           if (D % 16 == 0) {
             attend_row_avx512(q, kp + h * ch, vp + h * ch, S, D, reinterpret_cast<float*>(scores.data()), o);
+            continue;
+          }
+        }
+#elif defined(QMM_AVX2)
+        if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+          if (D % 16 == 0) {
+            attend_row_avx2(q, kp + h * ch, vp + h * ch, S, D, reinterpret_cast<float*>(scores.data()), o);
             continue;
           }
         }
