@@ -5,7 +5,7 @@
 Per shape (gate/up 1536 -> 8960, down 8960 -> 1536, the LM head 1536 -> 151936) and rows M (1: a decode step,
 5 and 13: verify blocks, 32: a batch): milliseconds per call (best of 5 rounds) of our grouped kernel
 (`via_sd::qmm`, 4-bit codes in groups of 32, or 6-bit Q6_K codes in groups of 16 for the down projection
-and the head; `qmm_int8` the same with activations rounded to int8, where AVX512-VNNI runs it), torch's own
+and the head; `qmm_int8` the same with activations rounded to int8, where AVX512-VNNI or AVX2 runs it), torch's own
 CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32) and a bf16 `F.linear` (oneDNN), bf16
 activations. Random weights: timing only. Prints JSON.
 """

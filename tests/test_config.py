@@ -119,13 +119,17 @@ def test_precision_auto_follows_the_device_and_the_checkpoint(tmp_path):
         resolve_precision("gguf", tiny, "cpu")
 
 
-def test_int8_activations_resolve_per_tier_and_need_packed_layers_on_vnni(monkeypatch):
-    from via_sd_ray.models import qmm
+def test_int8_activations_resolve_per_tier_and_need_a_vector_int8_kernel(monkeypatch):
+    from via_sd_ray.models import loading, qmm
     from via_sd_ray.models.loading import resolve_activations
 
     monkeypatch.setattr(qmm, "int8_available", lambda: None)
+    monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "avx512_vnni"}))
     assert resolve_activations("auto", "int4", "cpu", drafter=True) is True  # a drafter's errors cost acceptance
-    assert resolve_activations("auto", "gguf", "cpu") is False  # a verifier keeps its dtype unless asked
+    assert resolve_activations("auto", "gguf", "cpu") is False  # a verifier keeps its bf16 where that is fast
+    monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert resolve_activations("auto", "gguf", "cpu") is True  # AVX2 only: int8, not float32's ~2.7x cost
+    assert resolve_activations("auto", "gguf", "cuda:0") is False
     assert resolve_activations("auto", "int4", "cuda:0", drafter=True) is False
     assert resolve_activations("auto", "bf16", "cpu", drafter=True) is False
     assert resolve_activations("int8", "gguf", "cpu") is True

@@ -52,11 +52,11 @@ class ModelConfig(_Strict):
         "auto", description="Inputs of the packed (int4 / gguf) layers on CPUs. dtype: as the model computes them "
         "(bf16 products summed in float32: a verify pass computes each position exactly as a one-token step); "
         "int8: each row rounded to int8 (one scale per 256 inputs against a GGUF K-quant's weights, llama.cpp's "
-        "Q8_K; else per group of 32) and multiplied by the codes in integers (AVX512-VNNI; llama.cpp's way): verify "
-        "passes ~1.3-1.45x faster, batched rows ~1.25x, prefill ~1.55x; "
-        "rows stay independent (greedy sd still equals ar), but the outputs drift from the dtype's as far as "
-        "the rounding takes them (README, Activations). auto: int8 for the drafter (its errors cost only "
-        "acceptance) where the CPU has AVX512-VNNI, else dtype.")
+        "Q8_K; else per group of 32) and multiplied by the codes in integers (AVX512-VNNI or AVX2; llama.cpp's "
+        "way): on Zen 4 verify passes ~1.3-1.45x faster than bf16, prefill ~1.55x; on AVX2-only CPUs ~3x faster "
+        "than float32; rows stay independent (greedy sd still equals ar), but the outputs drift from the dtype's "
+        "as far as the rounding takes them (README, Activations). auto: int8 for the drafter (its errors cost "
+        "only acceptance), and for the verifiers on CPUs without bf16 arithmetic (AVX2 only), else dtype.")
     quantization: Literal["none", "int8-weight-only", "int4-weight-only"] | None = Field(
         None, description="Former name of precision: none = bf16, int8-weight-only = int8, int4-weight-only = int4.")
     compile: AutoOnOff = Field(

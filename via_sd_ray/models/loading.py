@@ -152,11 +152,15 @@ def resolve_precision(precision: str, resolved: ResolvedSource, device: str, dra
 
 def resolve_activations(activations: str, precision: str, device: str, drafter: bool = False) -> bool:
     """Whether the packed layers take int8 inputs (``activations``: auto, dtype or int8) for a model at
-    ``precision`` (concrete) on ``device``: auto is int8 for a drafter where a vector int8 kernel runs it
-    (AVX512-VNNI or AVX2); int8 needs packed layers on a CPU that has one."""
+    ``precision`` (concrete) on ``device``: auto is int8 where a vector int8 kernel runs it (AVX512-VNNI or
+    AVX2) for a drafter (its rounding costs only acceptance), and for a verifier on a CPU without bf16
+    arithmetic (AVX2 only: there the model's float32 inputs run ~2.7x slower end to end, and int8 drifts from
+    them no further than bf16 does from float32 where bf16 is the default; README, Activations); int8 needs
+    packed layers on a CPU that has one."""
     packed = torch.device(device).type == "cpu" and precision in ("int4", "gguf")
     if activations == "auto":
-        return drafter and packed and qmm.int8_available() is None
+        fast_dtype = bool(cpu_flags() & NATIVE_BF16_FLAGS)
+        return packed and (drafter or not fast_dtype) and qmm.int8_available() is None
     if activations == "int8":
         if not packed:
             raise ConfigError(f"activations: 'int8' rounds the inputs of packed layers (precision int4 or gguf on a "

@@ -213,8 +213,8 @@ class FusedSwiGLU(FusedLinear):
 
 def round_activations(model: nn.Module, on: bool = True) -> int:
     """Every packed layer of ``model`` (``PackedLinear``, before ``fuse_projections``, which keeps the choice,
-    or after) takes its input rounded to int8 per group (``qmm.matmul(..., int8=True)``, AVX512-VNNI), or with
-    ``on`` False in the model's dtype again. Returns how many."""
+    or after) takes its input rounded to int8 per group (``qmm.matmul(..., int8=True)``, AVX512-VNNI or AVX2), or
+    with ``on`` False in the model's dtype again. Returns how many."""
     layers = [m for m in model.modules() if isinstance(m, (PackedLinear, SwiGLU))]
     for layer in layers:
         layer.int8 = on

@@ -199,14 +199,21 @@ def download(packages: tuple[Package, ...], dest: Path) -> list[Path]:
                 req.write(f"{p.name}=={p.version} --hash=sha256:{p.sha256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
                "--only-binary=:all:", "-r", req.name, "-d", str(dest)]
-        try:
-            subprocess.run(cmd, check=True)
+        try:  # pip's progress to our stderr: stdout is the caller's (bench scripts print JSON records there)
+            subprocess.run(cmd, check=True, stdout=_stderr_fd())
         finally:
             os.unlink(req.name)
     for p in packages:
         if not _wheel_ok(dest / p.wheel, p.sha256):
             raise IntegrityError(f"{p.wheel}: SHA-256 differs from the pinned {p.sha256}")
     return [dest / p.wheel for p in packages]
+
+
+def _stderr_fd() -> int:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr with no descriptor (captured): pip's output dropped
+        return subprocess.DEVNULL
 
 
 def _wheel_ok(path: Path, sha: str) -> bool:
