@@ -38,7 +38,12 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
         return DTYPES[name]
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_flags() & NATIVE_BF16_FLAGS else torch.float32
+    return torch.bfloat16 if cpu_computes_bf16() else torch.float32
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (``NATIVE_BF16_FLAGS``)."""
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
 # Extra end-of-sequence tokens some families emit besides the tokenizer's EOS.
@@ -159,8 +164,7 @@ def resolve_activations(activations: str, precision: str, device: str, drafter: 
     packed layers on a CPU that has one."""
     packed = torch.device(device).type == "cpu" and precision in ("int4", "gguf")
     if activations == "auto":
-        fast_dtype = bool(cpu_flags() & NATIVE_BF16_FLAGS)
-        return packed and (drafter or not fast_dtype) and qmm.int8_available() is None
+        return packed and (drafter or not cpu_computes_bf16()) and qmm.int8_available() is None
     if activations == "int8":
         if not packed:
             raise ConfigError(f"activations: 'int8' rounds the inputs of packed layers (precision int4 or gguf on a "

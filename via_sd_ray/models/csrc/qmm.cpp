@@ -56,10 +56,10 @@ namespace {
 
 constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
 constexpr int BLOCK = 32;  // output rows per block: two tiles
-constexpr int MT = 4;      // rows of x per register block (AVX2: 16 vector registers)
-// rows of x per register block of the AVX2 int8 kernel: 4 (the 1.5B's gate/up and down at 5, 11 and 128 rows on
-// Zen 3: 2 and 3 rows 5-30 % slower, though 4 rows' running sums leave the 16 registers)
-constexpr int MT_INT8_AVX2 = 4;
+// rows of x per register block on AVX2 (16 vector registers), float32 and int8 x alike (the int8 kernel on the
+// 1.5B's gate/up and down at 5, 11 and 128 rows, Zen 3: 2 and 3 rows 5-30 % slower, though 4 rows' running sums
+// leave the registers)
+constexpr int MT = 4;
 constexpr int MT_BF16 = 8; // rows of x per register block (AVX512: 32 vector registers)
 // rows of x per register block in a long pass (> 16 rows, a prefill chunk; AVX512): 6, whose running sums stay
 // in registers, rather than 8, whose sums go through memory every group (the 1.5B's layers at 128 rows, Zen 4:
@@ -1071,7 +1071,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
   // row is latency-bound)
   const bool wide = bf16 || isa == Isa::kAvx512Vnni;  // AVX512's 32 registers
-  const int64_t mt = !wide ? (int8 ? MT_INT8_AVX2 : MT) : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
+  const int64_t mt = !wide ? MT : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
   auto work = [&](int64_t begin, int64_t end) {
     alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
@@ -1101,7 +1101,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
             });
 #elif defined(QMM_AVX2)
             dispatch_format(bits, group, [&](auto B, auto G) {
-              dispatch_rows<MT_INT8_AVX2>(rows, [&](auto R) {
+              dispatch_rows<MT>(rows, [&](auto R) {
                 constexpr int nb = decltype(B)::value, ng = decltype(G)::value, nr = decltype(R)::value;
                 if (kquant) block_int8_kquant_avx2<nb, ng, nr>(xb, K, cb, mb, results, xs, xp);
                 else block_int8_avx2<nb, ng, nr>(xb, K, cb, mb, results, xs, xl);
@@ -1363,25 +1363,8 @@ inline float sum8(__m256 v) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
-// exp16's polynomial on 8 lanes, for x <= 0
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  return _mm256_mul_ps(p, two_to(n));
-}
-
 // attend_row_avx512 on 8 lanes (AVX2 without AVX512: the scalar row's strict float order keeps the compiler
-// from vectorizing its dot products, ~20x slower)
+// from vectorizing its dot products, ~20x slower); its exp is the epilogue's exp_cephes
 template <typename T>
 void attend_row_avx2(const T* q, const T* keys, const T* values, int64_t S, int64_t D, float* scores, T* out) {
   float qf[256];
@@ -1400,7 +1383,7 @@ void attend_row_avx2(const T* q, const T* keys, const T* values, int64_t S, int6
   __m256 sums = _mm256_setzero_ps();
   int64_t s = 0;
   for (; s + 8 <= S; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
+    const __m256 e = exp_cephes(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
     _mm256_storeu_ps(scores + s, e);
     sums = _mm256_add_ps(sums, e);
   }
