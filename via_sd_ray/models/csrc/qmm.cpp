@@ -56,10 +56,13 @@ namespace {
 
 constexpr int TILE = 16;   // output rows per tile (one vector of float32 lanes)
 constexpr int BLOCK = 32;  // output rows per block: two tiles
-// rows of x per register block on AVX2 (16 vector registers), float32 and int8 x alike (the int8 kernel on the
-// 1.5B's gate/up and down at 5, 11 and 128 rows, Zen 3: 2 and 3 rows 5-30 % slower, though 4 rows' running sums
-// leave the registers)
+// rows of x per register block on AVX2 (16 vector registers), float32 x
 constexpr int MT = 4;
+// rows of int8 x per register block on AVX2: 5 or 6 rows in one pass, though some of their int16 sums leave the
+// registers, beat 3 + 2 or 3 + 3, which unpack every code twice (the 1.5B's gate/up and down at 5 rows, Zen 3:
+// 0.97 / 0.77 -> 0.87 / 0.62 ms, 6 rows ~10 %, 11 to 128 rows alike; 8 rows a block was no faster at 8 to 13
+// rows and ~5 % slower at 128; 2 or 3 rows a block 5-30 % slower than 4)
+constexpr int MT_INT8_AVX2 = 6;
 constexpr int MT_BF16 = 8; // rows of x per register block (AVX512: 32 vector registers)
 // rows of x per register block in a long pass (> 16 rows, a prefill chunk; AVX512): 6, whose running sums stay
 // in registers, rather than 8, whose sums go through memory every group (the 1.5B's layers at 128 rows, Zen 4:
@@ -1068,10 +1071,10 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
   const float* sp = xsum.data();
   const int64_t gbytes = group_bytes(bits, group);
   const int64_t block_bytes = groups * 2 * gbytes;
-  // rows of x in register blocks of at most MT (MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a block of one
-  // row is latency-bound)
+  // rows of x in register blocks of at most MT (MT_INT8_AVX2, MT_BF16), balanced (5 = 3 + 2, not 4 + 1: a
+  // block of one row is latency-bound)
   const bool wide = bf16 || isa == Isa::kAvx512Vnni;  // AVX512's 32 registers
-  const int64_t mt = !wide ? MT : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
+  const int64_t mt = !wide ? (int8 ? MT_INT8_AVX2 : MT) : M > 2 * MT_BF16 ? MT_LONG : MT_BF16, chunks = (M + mt - 1) / mt;
   auto work = [&](int64_t begin, int64_t end) {
     alignas(64) float results[MT_BF16 * BLOCK];
     for (int64_t b = begin; b < end; ++b) {
@@ -1101,7 +1104,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor
             });
 #elif defined(QMM_AVX2)
             dispatch_format(bits, group, [&](auto B, auto G) {
-              dispatch_rows<MT>(rows, [&](auto R) {
+              dispatch_rows<MT_INT8_AVX2>(rows, [&](auto R) {
                 constexpr int nb = decltype(B)::value, ng = decltype(G)::value, nr = decltype(R)::value;
                 if (kquant) block_int8_kquant_avx2<nb, ng, nr>(xb, K, cb, mb, results, xs, xp);
                 else block_int8_avx2<nb, ng, nr>(xb, K, cb, mb, results, xs, xl);
