@@ -288,6 +288,10 @@ class ServingConfig(_Strict):
                                             "blocks shrink as generations are added, and below min_block "
                                             "generations decode without drafts. null: blocks never shrink.")
     min_block: int = Field(2, ge=1, description="Shortest block worth drafting under load (verify_token_budget).")
+    niceness: int | None = Field(0, ge=-20, le=19, description="Scheduling niceness of every replica process "
+                                 "of the app (Ray starts workers at 15, below its own processes, whose wake-ups "
+                                 "then stall a tier's parallel passes); needs CAP_SYS_NICE to lower it. null: "
+                                 "leave Ray's.")
     tier_retries: int = Field(2, ge=0, le=10, description="Retries of a tier call that failed because its "
                               "replica died or was unreachable (the replacement rebuilds the KV cache).")
     tier_timeout_s: float = Field(120.0, gt=0, description="Longest one tier call may take.")

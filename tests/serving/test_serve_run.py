@@ -32,6 +32,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.serving.conftest import free_port
+from tests.serving.test_priority import thread_niceness
 from via_sd_ray.config import PROMPT_LOOKUP, load_config
 from via_sd_ray.models.tiny import SOURCE_PREFIX as TINY
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
@@ -182,6 +183,12 @@ def _health(url: str) -> int | None:
         return None
 
 
+def _can_raise_priority() -> bool:
+    """Whether a process here may lower its niceness (CAP_SYS_NICE), as a replica does for serving.niceness."""
+    probe = "import os; os.setpriority(os.PRIO_PROCESS, 0, 0)"
+    return subprocess.run(["nice", "-n", "5", sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
 @pytest.mark.parametrize("path", LOCAL, ids=lambda p: p.name)
 def test_serve_run_serves_http_and_grpc_then_stops_cleanly(path, tmp_path):
     copy, http_port, grpc_port = served_copy(path, tmp_path)
@@ -204,6 +211,15 @@ def test_serve_run_serves_http_and_grpc_then_stops_cleanly(path, tmp_path):
             assert reply.token_ids and reply.usage.completion_tokens == len(reply.token_ids)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # serving.niceness (default 0): every replica thread back from Ray's nice 15, where this machine lets
+        # a process raise its priority
+        replicas = [p for p in psutil.Process(run.proc.pid).children(recursive=True)
+                    if any("ServeReplica" in part for part in p.cmdline())]
+        assert len(replicas) >= 3, [p.cmdline()[:2] for p in replicas]
+        if _can_raise_priority():
+            for replica in replicas:
+                niceness = thread_niceness(replica.pid)
+                assert set(niceness.values()) == {0}, (replica.cmdline()[:1], niceness)
     finally:
         leftovers = run.stop()
     assert run.proc.returncode is not None

@@ -31,6 +31,7 @@ from via_sd_ray.serving import openai_api as oa
 from via_sd_ray.serving.auth import BearerAuth
 from via_sd_ray.serving.grpc_gen import via_sd_pb2 as pb
 from via_sd_ray.serving.grpc_service import HEALTH_SERVICES, WireError, health_status
+from via_sd_ray.serving.priority import apply_niceness
 from via_sd_ray.serving.router import GenerateRequest
 from via_sd_ray.serving.tiers import DEPLOYMENT_OF_TIER
 
@@ -271,6 +272,7 @@ def _sse(data: dict) -> str:
 class Ingress:
     def __init__(self, args: dict[str, Any], router, auth: BearerAuth | None = None):
         self.config = parse_config(args)
+        apply_niceness(self.config.serving.niceness)
         self.model_name = self.config.served_model_name
         self.max_request_bytes = self.config.serving.max_request_bytes
         self.router = router

@@ -28,6 +28,7 @@ from via_sd_ray.core.sampling import MAX_LOGPROBS, SamplingParams
 from via_sd_ray.errors import ConfigError, InvalidRequest, Overloaded, TierUnavailable, ViaSDError, check_range
 from via_sd_ray.models.detok import IncrementalText
 from via_sd_ray.models.tiers import DEFAULT_SLOT_TOKENS
+from via_sd_ray.serving.priority import apply_niceness
 
 
 @dataclass
@@ -112,6 +113,7 @@ class GenerationRouter:
         from via_sd_ray.models.tiers import text_info
 
         self.config = args if isinstance(args, EngineConfig) else parse_config(args)
+        apply_niceness(self.config.serving.niceness)
         affinity = self.config.serving.affinity
         self.routes: dict[str, str] = {}  # generation id -> its routing key, while it runs
         # slim None: no SlimVerifier deployment (serving.slim_tier); its blocks go to the full verifier

@@ -34,6 +34,7 @@ from via_sd_ray.core.verify import Verdict
 from via_sd_ray.errors import Overloaded
 from via_sd_ray.models.runner import Pending
 from via_sd_ray.serving.batcher import MicroBatcher
+from via_sd_ray.serving.priority import apply_niceness
 
 DEPLOYMENT_OF_TIER = {"drafter": "Drafter", "slim": "SlimVerifier", "full": "FullVerifier"}
 
@@ -53,6 +54,7 @@ class TierServer:
             if self.config.serving.gpu_memory_share is None and share is not None:
                 serving = self.config.serving.model_copy(update={"gpu_memory_share": share})
                 self.config = self.config.model_copy(update={"serving": serving})
+        apply_niceness(self.config.serving.niceness)  # before the batcher's and torch's threads start
         if self.config.threads:
             import torch
 
