@@ -4,10 +4,10 @@ Ray starts its worker processes at nice 15 (``RAY_worker_niceness``), below the 
 and Serve proxy at 0. On a machine whose cores all serve the model that costs more than their share of
 CPU: a tier's forward pass is a few hundred parallel regions, each ending in a barrier, and any nice-0
 process that wakes preempts one of the two threads at once while the other waits for it. Measured on
-a 2-core CPU (AMD EPYC Zen 3), `ar` served: the full verifier's one-token batch took 78 ms at nice 15
-against the in-process engine's 45 ms step, 58-67 ms at nice 0. ``serving.niceness`` sets every thread of
-each replica process (threads started later inherit it); raising a priority needs CAP_SYS_NICE, and
-where that is missing the replica keeps Ray's niceness and logs why once.
+a 2-core CPU (AMD EPYC Zen 3), `ar` served, alternated: the full verifier's one-token batch took 65.8 ms
+(mean of 4) at nice 15, 59.8 at nice 0, against the in-process engine's 45 ms step. ``serving.niceness``
+sets every thread of each replica process (threads started later inherit it); raising a priority needs
+CAP_SYS_NICE, and where that is missing the replica keeps Ray's niceness and logs why.
 """
 
 from __future__ import annotations
