@@ -147,3 +147,38 @@ def test_a_shape_mismatch_names_the_tensor(tmp_path):
     other = tiny_model("verifier-wide")
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is \(64, 64\) in the GGUF file"):
         gguf_blocks.apply_gguf_blocks(other, path)
+
+
+def test_a_bf16_checkpoint_with_its_gguf_loads_at_its_own_width_to_the_same_model(tmp_path, monkeypatch):
+    """A registry checkpoint (bf16 safetensors beside the GGUF file it came from) served in float32: the layers
+    the file's blocks replace are never widened, and the model equals one loaded wide and then replaced."""
+    from transformers import AutoModelForCausalLM
+
+    from via_sd_ray.models import loading, qmm
+
+    if qmm.available() is not None:
+        pytest.skip(f"the qmm kernel cannot be built here: {qmm.available()}")
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model("verifier", dtype=torch.bfloat16).save_pretrained(checkpoint)
+    write_gguf(tiny_model("verifier", dtype=torch.bfloat16), checkpoint / "model.gguf", GGMLQuantizationType.Q4_1)
+    monkeypatch.setattr(loading.ResolvedSource, "gguf", lambda self: checkpoint / "model.gguf")
+    resolved = loading.ResolvedSource("dir", str(checkpoint), registry="tiny-registry-model")
+    assert loading._narrower(resolved, torch.float32) is torch.bfloat16
+    read, original = [], loading._load
+    monkeypatch.setattr(loading, "_load", lambda source, dtype, *rest: read.append(dtype) or original(source, dtype,
+                                                                                                        *rest))
+
+    served = loading.load_model(resolved, "float32", precision="gguf")
+    assert read == [torch.bfloat16]
+    wide = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    gguf_blocks.apply_gguf_blocks(wide, checkpoint / "model.gguf")
+    packed = [m for m in served.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 7 * served.config.num_hidden_layers
+    assert all(m.meta.dtype == torch.float16 for m in packed)  # the scales keep the file's format
+    floats = {name: p for name, p in served.named_parameters()}
+    assert floats and all(p.dtype == torch.float32 for p in floats.values())
+    for name, p in wide.named_parameters():
+        assert torch.equal(floats[name], p), name
+    ids = torch.tensor([[5, 77, 120, 33, 9]])
+    with torch.inference_mode():
+        assert torch.equal(served(ids).logits, wide(ids).logits)

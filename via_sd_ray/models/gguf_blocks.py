@@ -19,6 +19,7 @@ weights the model was loaded with.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,16 +150,16 @@ def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
 
 
 def block_tensors(path: str | Path, config, layers: list[int] | None = None,
-                  kinds: frozenset[int] = frozenset(BLOCK_BYTES)) -> dict[str, QTensor]:
+                  kinds: frozenset[int] = frozenset(BLOCK_BYTES)) -> Iterator[tuple[str, QTensor]]:
     """The linear weights of GGUF file ``path`` stored in one of ``kinds``, by the transformers module name
     (``config``: the model's config, for the architecture and head counts; ``layers``: the file's layers the
-    model holds, re-indexed from 0, as a slim-verifier-only process loads them)."""
+    model holds, re-indexed from 0, as a slim-verifier-only process loads them). One at a time: the loader
+    packs each before the next is read (decoded, the codes take a byte per weight)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     by_name = {t.name: t for t in reader.tensors}
     llama = config.model_type == "llama"
-    found = {}
     for index, layer in enumerate(layers if layers is not None else range(config.num_hidden_layers)):
         for module, short in LAYER_LINEARS.items():
             weights = _read(by_name.get(f"blk.{layer}.{short}.weight"), kinds)
@@ -167,11 +168,10 @@ def block_tensors(path: str | Path, config, layers: list[int] | None = None,
             if llama and short in ("attn_q", "attn_k"):
                 heads = config.num_attention_heads if short == "attn_q" else config.num_key_value_heads
                 weights = weights.rows(unpermute_rows(heads, weights.codes.shape[0]))
-            found[f"model.layers.{index}.{module}"] = weights
+            yield f"model.layers.{index}.{module}", weights
     head = _read(by_name.get("output.weight"), kinds)
     if head is not None:
-        found["lm_head"] = head
-    return found
+        yield "lm_head", head
 
 
 def _read(tensor, kinds: frozenset[int]) -> QTensor | None:
@@ -192,9 +192,8 @@ def apply_gguf_blocks(model: nn.Module, path: str | Path, layers: list[int] | No
     keep their float weights. Returns counts of layers by the kernel's code width and of those kept."""
     from via_sd_ray.models.quant import PackedLinear
 
-    found = block_tensors(path, model.config, layers, kinds or frozenset(BLOCK_BYTES))
     counts = {"int4": 0, "int6": 0}
-    for name, weights in found.items():
+    for name, weights in block_tensors(path, model.config, layers, kinds or frozenset(BLOCK_BYTES)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)

@@ -21,7 +21,7 @@ from via_sd_ray.models.decoder import check_layers, keep_layers
 from via_sd_ray.models.draft_vocab import narrow_head
 from via_sd_ray.models.draft_vocab import read as read_draft_vocab
 from via_sd_ray.models.gguf_blocks import FOUR_BIT, apply_gguf_blocks
-from via_sd_ray.models.quant import quantize, round_activations
+from via_sd_ray.models.quant import PackedLinear, quantize, round_activations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # CPU feature flags (/proc/cpuinfo) of instructions that compute in bf16 natively: x86 AVX512-BF16 and
@@ -188,15 +188,19 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
     first (DeepSpeed loads on the host and moves each shard to its GPU). ``int8_activations``: the packed
     layers round their inputs to int8 (``resolve_activations``). ``draft_vocab``: (ranking file, size) of a
     drafter's narrowed LM head (``models.draft_vocab``), narrowed before it is quantized."""
-    model = _load(resolved, torch_dtype(dtype, dtype_device or device), layers, attn_implementation).to(device)
+    target = torch_dtype(dtype, dtype_device or device)
+    precision = resolve_precision(precision, resolved, device)  # a gguf precision needs a GGUF checkpoint
+    blocks = precision in ("int4", "gguf") and resolved.has_gguf and torch.device(device).type == "cpu"
+    # the linear layers the file's blocks replace are read at the checkpoint's own (narrower) dtype, not
+    # widened first: the rest is widened after, to the same values
+    model = _load(resolved, _narrower(resolved, target) if blocks else target, layers, attn_implementation).to(device)
     try:
-        precision = resolve_precision(precision, resolved, device)  # a gguf precision needs a GGUF checkpoint
-        if precision in ("int4", "gguf") and resolved.has_gguf:
-            if torch.device(device).type == "cpu":  # int4: the file's 4-bit blocks; gguf: all it holds in blocks
-                apply_gguf_blocks(model, resolved.gguf(), layers, FOUR_BIT if precision == "int4" else None)
-            elif precision == "gguf":  # elsewhere int4 quantizes every layer through torchao
-                raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
-                                 "GGUF checkpoint's own blocks are served on CPUs only)")
+        if blocks:  # int4: the file's 4-bit blocks; gguf: all it holds in blocks
+            apply_gguf_blocks(model, resolved.gguf(), layers, FOUR_BIT if precision == "int4" else None)
+            _cast_float(model, target)
+        elif precision == "gguf" and resolved.has_gguf:  # elsewhere int4 quantizes every layer through torchao
+            raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
+                             "GGUF checkpoint's own blocks are served on CPUs only)")
         if draft_vocab is not None:
             narrow_head(model, read_draft_vocab(*draft_vocab, model.get_output_embeddings().out_features,
                                                 eos_token_ids(model)))
@@ -204,9 +208,49 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
         model = kernels.apply(quantize(model, scheme), linear_kernel)
         if int8_activations:
             round_activations(model)
+        release_freed_memory()
         return model
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _narrower(resolved: ResolvedSource, dtype: torch.dtype) -> torch.dtype:
+    """The checkpoint's stored dtype where it is narrower than ``dtype`` (a bf16 checkpoint served in float32),
+    else ``dtype``."""
+    if resolved.kind != "dir":
+        return dtype
+    try:
+        config = json.loads((Path(resolved.location) / "config.json").read_text())
+    except (OSError, ValueError):
+        return dtype
+    stored = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "")
+    return stored if stored is not None and stored.itemsize < dtype.itemsize else dtype
+
+
+def _cast_float(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters and buffers of every module but the packed layers (their scales
+    keep the checkpoint's format) to ``dtype``, one tensor at a time."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
+    model.config.dtype = dtype
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the system (glibc keeps it otherwise: a 1.5B checkpoint's
+    float weights, replaced by its blocks, stayed ~2.7 GB of resident memory)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _load(resolved: ResolvedSource, torch_dtype: torch.dtype, layers: list[int] | None, attn_implementation: str):
