@@ -4,6 +4,8 @@ and prefix reuse prefills only the new tail with identical results."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -217,3 +219,24 @@ def test_batched_generation_shrinks_its_blocks_with_the_load_as_the_router_does(
     assert [r.token_ids for r in two] == [r.token_ids for r in alone[:2]]
     proposed = [b.proposed for r in two for b in r.stats.records]
     assert max(proposed) == 3
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory read from /proc")
+def test_a_cpu_pool_is_zero_and_becomes_resident_as_its_slots_fill():
+    from via_sd_ray.models.kv_cache import KVPool
+
+    before = _resident_bytes()
+    pool = KVPool([0, 1, 2, 3], 2, 64, torch.float32, "cpu", slots=16, slot_tokens=4096)  # 16 MiB a slot
+    slot_bytes = pool.nbytes // pool.slots
+    assert _resident_bytes() - before < slot_bytes  # reserved, not written
+    cache = pool.cache(5)
+    assert cache.data.abs().max() == 0 and pool.data[:, :, 6].abs().max() == 0  # zeros where nothing was written
+    cache.data.fill_(1.0)  # one slot used whole
+    grown = _resident_bytes() - before
+    assert slot_bytes * 0.9 < grown < 3 * slot_bytes
+    assert float(pool.data[:, :, 5].sum()) == pool.data[:, :, 5].numel() and pool.data[:, :, 4].abs().max() == 0

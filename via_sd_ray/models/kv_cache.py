@@ -16,6 +16,9 @@ mirror ranks, one-off tools).
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -115,8 +118,9 @@ class KVPool:
         self.slot_tokens = slot_tokens
         # zeros, not empty: a compiled pass attends over whole slots under a mask, and a masked NaN of
         # uninitialized memory would still poison its row (0 * NaN)
-        self.data = torch.zeros((len(layer_ids), 2, slots, num_kv_heads, slot_tokens, head_dim),
-                                dtype=dtype, device=device)  # [L, k|v, slots, H, T, D]
+        shape = (len(layer_ids), 2, slots, num_kv_heads, slot_tokens, head_dim)  # [L, k|v, slots, H, T, D]
+        cpu = torch.device(device).type == "cpu"
+        self.data = zero_pages(shape, dtype) if cpu else torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def slots(self) -> int:
@@ -135,6 +139,15 @@ class KVPool:
 
     def describe(self) -> str:
         return f"{self.slots} slots x {self.slot_tokens} tokens ({self.nbytes / 2**20:.0f} MiB)"
+
+
+def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in anonymous memory pages, which the kernel backs on first write: a CPU pool becomes
+    resident as its slots fill, not whole at start (``torch.zeros`` writes every byte). Its budget is reserved
+    all the same (slots admit generations); a GPU pool is allocated whole."""
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(count * torch.empty((), dtype=dtype).element_size(), 1))
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps the mapping alive
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
