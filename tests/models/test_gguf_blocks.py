@@ -182,3 +182,13 @@ def test_a_bf16_checkpoint_with_its_gguf_loads_at_its_own_width_to_the_same_mode
     ids = torch.tensor([[5, 77, 120, 33, 9]])
     with torch.inference_mode():
         assert torch.equal(served(ids).logits, wide(ids).logits)
+
+
+def test_widening_what_the_blocks_left_keeps_tied_weights_one_tensor():
+    from via_sd_ray.models.loading import _cast_float
+
+    model = tiny_model("verifier", dtype=torch.bfloat16)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as small checkpoints are
+    _cast_float(model, torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.float32 and model.config.dtype == torch.float32

@@ -229,13 +229,17 @@ def _narrower(resolved: ResolvedSource, dtype: torch.dtype) -> torch.dtype:
 
 def _cast_float(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating-point parameters and buffers of every module but the packed layers (their scales
-    keep the checkpoint's format) to ``dtype``, one tensor at a time."""
+    keep the checkpoint's format) to ``dtype``, one tensor at a time; tied weights stay one tensor."""
+    cast: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}  # id -> (held alive, its cast)
     for module in model.modules():
         if isinstance(module, PackedLinear):
             continue
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
-                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+                if id(param) not in cast:
+                    cast[id(param)] = param, torch.nn.Parameter(param.detach().to(dtype),
+                                                                requires_grad=param.requires_grad)
+                setattr(module, name, cast[id(param)][1])
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
                 setattr(module, name, buffer.to(dtype))
