@@ -214,3 +214,37 @@ def test_batch_function_runs_off_the_event_loop_thread():
     result, loop_thread = run(main())
     assert result == 1 and threads[0] != loop_thread and threads[0].startswith("tierx")
     batcher.shutdown()
+
+
+def test_a_batch_waiting_for_the_other_generations_wakes_on_their_arrival_without_polling():
+    async def main():
+        recorder, asked = Recorder(), []
+        batcher = MicroBatcher(recorder, max_batch_size=8, expected=lambda: asked.append(1) or 2, max_wait_s=1.0)
+        batcher.typical_batch_s = 2.0  # the wait is bounded by half of it and by max_wait_s: 1 s here
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first = asyncio.create_task(batcher.submit("a"))
+        await asyncio.sleep(0.3)
+        assert not recorder.batches  # still gathering
+        second = asyncio.create_task(batcher.submit("b"))
+        assert await first == "result of a" and await second == "result of b"
+        assert recorder.batches == [["a", "b"]]  # one pass for both
+        assert loop.time() - start < 0.9  # woken by the arrival, not by the deadline
+        assert len(asked) <= 3  # counted at the start and at each arrival, not every half millisecond
+        batcher.shutdown()
+
+    run(main())
+
+
+def test_a_batch_waits_for_missing_calls_no_longer_than_its_bound():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch_size=8, expected=lambda: 3, max_wait_s=0.2)
+        batcher.typical_batch_s = 10.0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await batcher.submit("alone") == "result of alone"
+        assert 0.15 < loop.time() - start < 2.0 and recorder.batches == [["alone"]]
+        batcher.shutdown()
+
+    run(main())

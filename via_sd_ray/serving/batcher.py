@@ -3,8 +3,8 @@
 Calls that arrive while the model is busy wait in a queue; when the model frees up, all
 of them (up to ``max_batch_size``) run in one forward pass. A lone generation pays no
 batching delay. When more generations are active than calls are queued (``expected``),
-the batch waits for the others, at most half a typical batch time (and ``max_wait_s``):
-generations whose calls came back together answer a moment apart, and starting on the
+the batch waits for the others (woken by each arrival, not polling), at most half a typical
+batch time (and ``max_wait_s``): generations whose calls came back together answer a moment apart, and starting on the
 first ones alone would split every later round into groups that stay out of phase; on a
 compute-bound tier, one batch of 8 costs little more than one of 2. A call that is not done
 after its batch (a long prompt prefilled chunk by chunk) goes back to the front of the queue,
@@ -31,6 +31,7 @@ class MicroBatcher:
         self.expected = expected
         self.max_wait_s = max_wait_s
         self._queue: list[tuple[object, asyncio.Future]] = []
+        self._arrived = asyncio.Event()  # set by every submit: the gathering batch wakes on arrivals, not a poll
         # torch's OpenMP thread count is per thread: set it on the worker that runs the batches
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
                                             initializer=_set_threads if threads else None,
@@ -59,6 +60,7 @@ class MicroBatcher:
         """Run ``item`` in the next batch and return its result (or raise its error)."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
@@ -103,8 +105,15 @@ class MicroBatcher:
         if self.expected is None or self.max_wait_s <= 0:
             return
         deadline = loop.time() + min(self.max_wait_s, 0.5 * self.typical_batch_s)
-        while len(self._queue) < min(self.expected(), self.max_batch_size) and loop.time() < deadline:
-            await asyncio.sleep(0.0005)
+        while len(self._queue) < min(self.expected(), self.max_batch_size):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
