@@ -146,7 +146,7 @@ def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     resident as its slots fill, not whole at start (``torch.zeros`` writes every byte). Its budget is reserved
     all the same (slots admit generations); a GPU pool is allocated whole."""
     count = math.prod(shape)
-    pages = mmap.mmap(-1, max(count * torch.empty((), dtype=dtype).element_size(), 1))
+    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1))
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps the mapping alive
 
 

@@ -198,7 +198,7 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
         if blocks:  # int4: the file's 4-bit blocks; gguf: all it holds in blocks
             apply_gguf_blocks(model, resolved.gguf(), layers, FOUR_BIT if precision == "int4" else None)
             _cast_float(model, target)
-        elif precision == "gguf" and resolved.has_gguf:  # elsewhere int4 quantizes every layer through torchao
+        elif precision == "gguf":  # off the CPU; there int4 quantizes every layer through torchao
             raise ValueError(f"precision: expected 'bf16', 'int8' or 'int4' on {device!r}, received 'gguf' (a "
                              "GGUF checkpoint's own blocks are served on CPUs only)")
         if draft_vocab is not None:

@@ -4,11 +4,12 @@ Calls that arrive while the model is busy wait in a queue; when the model frees 
 of them (up to ``max_batch_size``) run in one forward pass. A lone generation pays no
 batching delay. When more generations are active than calls are queued (``expected``),
 the batch waits for the others (woken by each arrival, not polling), at most half a typical
-batch time (and ``max_wait_s``): generations whose calls came back together answer a moment apart, and starting on the
-first ones alone would split every later round into groups that stay out of phase; on a
-compute-bound tier, one batch of 8 costs little more than one of 2. A call that is not done
-after its batch (a long prompt prefilled chunk by chunk) goes back to the front of the queue,
-so each chunk runs beside the other generations' steps instead of stalling them.
+batch time (and ``max_wait_s``): generations whose calls came back together answer a moment
+apart, and starting on the first ones alone would split every later round into groups that
+stay out of phase; on a compute-bound tier, one batch of 8 costs little more than one of 2.
+A call that is not done after its batch (a long prompt prefilled chunk by chunk) goes back to
+the front of the queue, so each chunk runs beside the other generations' steps instead of
+stalling them.
 The batch function runs on one worker thread, off the event loop.
 """
 
