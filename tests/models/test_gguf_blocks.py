@@ -176,12 +176,36 @@ def test_a_bf16_checkpoint_with_its_gguf_loads_at_its_own_width_to_the_same_mode
     assert len(packed) == 7 * served.config.num_hidden_layers
     assert all(m.meta.dtype == torch.float16 for m in packed)  # the scales keep the file's format
     floats = {name: p for name, p in served.named_parameters()}
-    assert floats and all(p.dtype == torch.float32 for p in floats.values())
+    table = "model.embed_tokens.weight"  # held at the checkpoint's bf16, its rows widened as they are looked up
+    assert isinstance(served.get_input_embeddings(), loading.WideningEmbedding)
+    assert floats[table].dtype == torch.bfloat16
+    assert floats and all(p.dtype == torch.float32 for name, p in floats.items() if name != table)
     for name, p in wide.named_parameters():
-        assert torch.equal(floats[name], p), name
+        assert torch.equal(floats[name].float(), p), name
     ids = torch.tensor([[5, 77, 120, 33, 9]])
     with torch.inference_mode():
         assert torch.equal(served(ids).logits, wide(ids).logits)
+
+
+def test_an_embedding_is_held_narrow_only_where_that_keeps_its_values_and_no_head_shares_it():
+    from via_sd_ray.models.loading import WideningEmbedding, narrow_embedding
+
+    model = tiny_model("verifier", dtype=torch.bfloat16).float()  # bf16 values in float32
+    ids = torch.tensor([[5, 77, 120, 33, 9]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    assert narrow_embedding(model, rows_at_once=100)
+    table = model.get_input_embeddings()
+    assert isinstance(table, WideningEmbedding) and table.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert model.model.embed_tokens(ids).dtype == torch.float32
+        assert torch.equal(model(ids).logits, before)
+    assert not narrow_embedding(model)  # already narrow
+    exact = tiny_model("verifier", dtype=torch.float32)  # float32 values: not bf16 ones
+    assert not narrow_embedding(exact) and exact.get_input_embeddings().weight.dtype == torch.float32
+    tied = tiny_model("verifier", dtype=torch.bfloat16).float()
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # a float head computes with the table
+    assert not narrow_embedding(tied) and tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
 def test_widening_what_the_blocks_left_keeps_tied_weights_one_tensor():

@@ -77,7 +77,8 @@ class DecoderStack(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        # the final norm's: an input embedding may hold its table narrower (loading.narrow_embedding)
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
