@@ -209,7 +209,7 @@ def load_model(resolved: ResolvedSource, dtype: str = "auto", layers: list[int] 
         if int8_activations:
             round_activations(model)
         if torch.device(device).type == "cpu" and precision in ("int4", "gguf"):
-            narrow_embedding(model, target)  # one a head shared until it was quantized
+            narrow_embedding(model, target)  # a table a float head shared until quantize() packed the head
         release_freed_memory()
         return model
     except ValueError as err:
