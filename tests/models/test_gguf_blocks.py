@@ -176,10 +176,10 @@ def test_a_bf16_checkpoint_with_its_gguf_loads_at_its_own_width_to_the_same_mode
     assert len(packed) == 7 * served.config.num_hidden_layers
     assert all(m.meta.dtype == torch.float16 for m in packed)  # the scales keep the file's format
     floats = {name: p for name, p in served.named_parameters()}
-    table = "model.embed_tokens.weight"  # held at the checkpoint's bf16, its rows widened as they are looked up
-    assert isinstance(served.get_input_embeddings(), loading.WideningEmbedding)
-    assert floats[table].dtype == torch.bfloat16
-    assert floats and all(p.dtype == torch.float32 for name, p in floats.items() if name != table)
+    assert floats and all(p.dtype == torch.float32 for p in floats.values()) and served.dtype == torch.float32
+    table = served.get_input_embeddings()  # held at the checkpoint's bf16, its rows widened as they are looked up
+    assert isinstance(table, loading.WideningEmbedding) and table.weight.dtype == torch.bfloat16
+    floats["model.embed_tokens.weight"] = table.weight
     for name, p in wide.named_parameters():
         assert torch.equal(floats[name].float(), p), name
     ids = torch.tensor([[5, 77, 120, 33, 9]])
@@ -188,6 +188,7 @@ def test_a_bf16_checkpoint_with_its_gguf_loads_at_its_own_width_to_the_same_mode
 
 
 def test_an_embedding_is_held_narrow_only_where_that_keeps_its_values_and_no_head_shares_it():
+    from via_sd_ray.models import kernels
     from via_sd_ray.models.loading import WideningEmbedding, narrow_embedding
 
     model = tiny_model("verifier", dtype=torch.bfloat16).float()  # bf16 values in float32
@@ -197,10 +198,13 @@ def test_an_embedding_is_held_narrow_only_where_that_keeps_its_values_and_no_hea
     assert narrow_embedding(model, rows_at_once=100)
     table = model.get_input_embeddings()
     assert isinstance(table, WideningEmbedding) and table.weight.dtype == torch.bfloat16
+    assert model.dtype == torch.float32  # the table is a buffer: the first parameter is still a float32 one
     with torch.inference_mode():
         assert model.model.embed_tokens(ids).dtype == torch.float32
         assert torch.equal(model(ids).logits, before)
     assert not narrow_embedding(model)  # already narrow
+    if torch.backends.mkldnn.is_available():  # what reads the dtype from the first parameter sees float32
+        kernels.apply(model, "onednn")
     exact = tiny_model("verifier", dtype=torch.float32)  # float32 values: not bf16 ones
     assert not narrow_embedding(exact) and exact.get_input_embeddings().weight.dtype == torch.float32
     tied = tiny_model("verifier", dtype=torch.bfloat16).float()

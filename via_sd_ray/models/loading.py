@@ -250,17 +250,21 @@ def _cast_float(model: torch.nn.Module, dtype: torch.dtype) -> None:
     model.config.dtype = dtype
 
 
-class WideningEmbedding(torch.nn.Embedding):
+class WideningEmbedding(torch.nn.Module):
     """An input embedding whose table is held at a narrower dtype that holds its values exactly; the rows it
-    looks up are widened to ``out_dtype``: the same values the wide table gives, in half the memory."""
+    looks up are widened to ``out_dtype``: the same values the wide table gives, in half the memory. The table
+    is a buffer, not a parameter: what reads a model's dtype from its first parameter (transformers'
+    ``model.dtype``, ``kernels.apply``) still sees the dtype it computes in."""
 
     def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype, padding_idx: int | None = None):
-        super().__init__(*weight.shape, padding_idx=padding_idx, _weight=weight, _freeze=True,
-                         device=weight.device, dtype=weight.dtype)
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
         self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).to(self.out_dtype)
+        return torch.nn.functional.embedding(ids, self.weight, self.padding_idx).to(self.out_dtype)
 
 
 def narrow_embedding(model: torch.nn.Module, dtype: torch.dtype = torch.float32, rows_at_once: int = 8192) -> bool:
