@@ -279,16 +279,18 @@ def narrow_embedding(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
         return False
     if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
         return False  # tied to a float head
-    # a bf16 table is copied: keeping the tensor the checkpoint was read into left the 0.5B drafter ~0.6 GB more
-    # resident after its load (where the heap put it), a fresh copy did not
-    narrow = weight.detach().clone() if weight.dtype == torch.bfloat16 else torch.empty_like(weight,
-                                                                                             dtype=torch.bfloat16)
-    with torch.no_grad():
-        for begin in range(0, weight.shape[0] if weight.dtype == torch.float32 else 0, rows_at_once):
-            wide = weight[begin : begin + rows_at_once]
-            narrow[begin : begin + rows_at_once] = wide
-            if not torch.equal(narrow[begin : begin + rows_at_once].float(), wide):
-                return False  # a float32 checkpoint's values: keep them
+    if weight.dtype == torch.bfloat16:
+        # copied: keeping the tensor the checkpoint was read into left the 0.5B drafter ~0.6 GB more resident
+        # after its load (where the heap put it), a fresh copy did not
+        narrow = weight.detach().clone()
+    else:
+        narrow = torch.empty_like(weight, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for begin in range(0, weight.shape[0], rows_at_once):
+                wide = weight[begin : begin + rows_at_once]
+                narrow[begin : begin + rows_at_once] = wide
+                if not torch.equal(narrow[begin : begin + rows_at_once].float(), wide):
+                    return False  # a float32 checkpoint's values: keep them
     model.set_input_embeddings(WideningEmbedding(narrow, dtype, embedding.padding_idx))
     return True
 
