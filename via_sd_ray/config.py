@@ -407,7 +407,8 @@ def parse_config(args: dict[str, Any] | None, base_dir: Path | None = None) -> E
     drafter = (args.get("models") or {}).get("drafter") or {}
     vocab = drafter.get("draft_vocab") if isinstance(drafter, dict) else None
     if isinstance(vocab, dict) and isinstance(vocab.get("file"), str):  # found where the config file is
-        drafter = {**drafter, "draft_vocab": {**vocab, "file": str(_resolve(vocab["file"], base_dir))}}
+        # absolute: Serve replicas read it, and their working directory is not the one `serve run` ran in
+        drafter = {**drafter, "draft_vocab": {**vocab, "file": str(_resolve(vocab["file"], base_dir).absolute())}}
         args["models"] = {**args["models"], "drafter": drafter}
     try:
         return EngineConfig.model_validate(args)

@@ -134,3 +134,14 @@ def test_an_engine_with_a_draft_vocab_gives_ar_tokens_in_greedy_sd(tmp_path, bui
     with pytest.raises(ConfigError, match="draft_vocab"):
         LocalEngine(parse_config({**args, "models": {**args["models"], "drafter": {
             **args["models"]["drafter"], "draft_vocab": {"file": "missing.json", "size": 128}}}}, base_dir=tmp_path))
+
+
+def test_a_draft_vocab_given_without_a_config_file_is_found_from_the_working_directory_as_an_absolute_path(
+        tmp_path, monkeypatch):
+    # what `serve run` hands build_app: args without their file's directory; the replicas that read the ranking
+    # run elsewhere, so the path they get is absolute
+    ranking(tmp_path, list(range(V)))
+    monkeypatch.chdir(tmp_path)
+    args = {**TINY_ARGS, "models": {**TINY_ARGS["models"], "drafter": {
+        **TINY_ARGS["models"]["drafter"], "draft_vocab": {"file": "vocab.json", "size": 128}}}}
+    assert parse_config(args).models.drafter.draft_vocab.file == str(tmp_path / "vocab.json")
