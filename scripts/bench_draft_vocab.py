@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -53,6 +54,11 @@ def main() -> None:
     parser.add_argument("--modes", default="sd", help="with --generate: modes, comma-separated")
     args = parser.parse_args()
     if args.generate:
+        if not re.fullmatch(r"\d+x\d+", args.generate):
+            parser.error(f"--generate: expected PROMPTSxTOKENS such as 20x128, received {args.generate!r}")
+        if not re.fullmatch(r"(whole|\d+)@[0-9.]+(,(whole|\d+)@[0-9.]+)*", args.variants):
+            parser.error(f"--variants: expected HEAD@THRESHOLD, comma-separated, HEAD `whole` or a size (e.g. "
+                         f"whole@0.75,32768@0.8), received {args.variants!r}")
         return generate(args)
     cfg = load_config(args.config, None).models.drafter
     sizes = [int(s) for s in args.sizes.split(",")]
