@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 
-from via_sd_ray.bench import forget_prefixes, policy_for
+from via_sd_ray.bench import ModeRun, policy_for, run_mode
 from via_sd_ray.config import DraftVocabConfig, EngineConfig, load_config
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.data import load_prompts
@@ -108,43 +108,30 @@ def generate(args) -> None:
     engines = {head: LocalEngine(with_head(config, args.ranking, head)) for head in dict(variants)}
     some = next(iter(engines.values()))
     prompts = [some.encode(p, chat=True) for p in load_prompts(count, "bench", None)]
-    params = SamplingParams(max_tokens=max_tokens)
     for engine in engines.values():  # warm-up
         engine.generate(prompts[0], SamplingParams(max_tokens=4), policy_for(engine, "sd"))
     # sd once per variant; another mode once per head, with its own (the profile's) thresholds
-    runs = list(dict.fromkeys((mode, head, threshold if mode == "sd" else None)
-                              for mode in args.modes.split(",") for head, threshold in variants))
-    totals = {run: {"tokens": 0, "seconds": 0.0, "blocks": 0, "accepted": 0, "drafter_s": 0.0, "full_s": 0.0}
-              for run in runs}
-    ids: dict[tuple, list] = {run: [] for run in runs}
+    runs = {run: ModeRun() for run in dict.fromkeys((mode, head, threshold if mode == "sd" else None)
+                                                     for mode in args.modes.split(",") for head, threshold in variants)}
+    order = list(runs)
     for r in range(args.rounds):
         for i, prompt in enumerate(prompts):
-            for run in (runs if (i + r) % 2 == 0 else runs[::-1]):
-                mode, head, threshold = run
+            for mode, head, threshold in (order if (i + r) % 2 == 0 else order[::-1]):
                 engine = engines[head]
                 policy = policy_for(engine, mode)
                 if threshold is not None:
                     policy = dataclasses.replace(policy, draft_stop_threshold=threshold)
-                forget_prefixes(engine)
-                result = engine.generate(prompt, params, policy)
-                stats, total = result.stats_dict(), totals[run]
-                total["tokens"] += len(result.token_ids)
-                total["seconds"] += result.elapsed
-                total["blocks"] += stats["blocks"]
-                total["accepted"] += stats["accepted"]
-                total["drafter_s"] += stats["tier_seconds"]["drafter"]
-                total["full_s"] += stats["tier_seconds"]["full"]
-                if r == 0:
-                    ids[run].append(result.token_ids)
+                run_mode(engine, mode, prompt, max_tokens, runs[mode, head, threshold], policy=policy)
+    first = runs[order[0]].outputs[:count]
     out = {}
-    for run, total in totals.items():
-        mode, head, threshold = run
+    for (mode, head, threshold), run in runs.items():
         key = f"{mode}/{head}" + (f"@{threshold}" if threshold is not None else "")
-        out[key] = {"tokens_per_s": round(total["tokens"] / total["seconds"], 2),
-                    **{k: round(v, 2) for k, v in total.items()},
-                    "identical_to_first": sum(a == b for a, b in zip(ids[run], ids[runs[0]]))}
-        print(f"{key:24s} {out[key]['tokens_per_s']:7.2f} tok/s  blocks {total['blocks']}  drafter "
-              f"{total['drafter_s']:.1f} s  full {total['full_s']:.1f} s", file=sys.stderr)
+        out[key] = {"tokens_per_s": round(run.tokens_per_s, 2), "tokens": run.tokens, "seconds": round(run.elapsed, 2),
+                    "blocks": run.stats.blocks, "accepted": run.stats.accepted,
+                    "drafter_s": round(run.tier_seconds["drafter"], 2), "full_s": round(run.tier_seconds["full"], 2),
+                    "identical_to_first": sum(a == b for a, b in zip(run.outputs[:count], first))}
+        print(f"{key:24s} {run.tokens_per_s:7.2f} tok/s  blocks {run.stats.blocks}  drafter "
+              f"{run.tier_seconds['drafter']:.1f} s  full {run.tier_seconds['full']:.1f} s", file=sys.stderr)
     print(json.dumps({"prompts": count, "max_tokens": max_tokens, "rounds": args.rounds, "runs": out}))
 
 

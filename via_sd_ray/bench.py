@@ -53,7 +53,7 @@ import torch
 from via_sd_ray.codecheck import STOP, load_problems, pass_rate
 from via_sd_ray.config import PROMPT_LOOKUP, load_config
 from via_sd_ray.core.fidelity import FreeRunning
-from via_sd_ray.core.policy import Mode
+from via_sd_ray.core.policy import Mode, RouterPolicy
 from via_sd_ray.core.sampling import SamplingParams
 from via_sd_ray.core.stats import GenerationStats
 from via_sd_ray.data import load_prompts
@@ -95,7 +95,8 @@ def policy_for(engine: LocalEngine, mode: str):
 
 
 def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: int, run: ModeRun,
-             stop: tuple[str, ...] = ()) -> None:
+             stop: tuple[str, ...] = (), policy: RouterPolicy | None = None) -> None:
+    """Generate ``prompt_ids`` in ``mode`` (with ``policy`` where given, else the config's) into ``run``."""
     if mode in ("hf", "hf-assisted"):
         kwargs = {}
         if mode == "hf-assisted":
@@ -116,7 +117,8 @@ def run_mode(engine: LocalEngine, mode: str, prompt_ids: list[int], max_tokens: 
         run.texts.append(engine.decode(run.outputs[-1]))  # stop strings: the code check cuts at them
         return
     forget_prefixes(engine)  # every mode prefills its prompt: no mode reuses another's cached prompt
-    result = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, stop=stop), policy_for(engine, mode))
+    result = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, stop=stop),
+                             policy or policy_for(engine, mode))
     run.elapsed += result.elapsed
     run.outputs.append(result.token_ids)
     run.texts.append(result.text)
