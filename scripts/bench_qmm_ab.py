@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from via_sd_ray.models import qmm
 
@@ -42,9 +41,7 @@ def load_against(path: Path):
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     renamed = Path(tempfile.gettempdir()) / f"qmm_against_{digest}.cpp"
     renamed.write_text(source)
-    cpp_extension.load(name=f"via_sd_qmm_against_{digest}", sources=[str(renamed)],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
+    qmm.compile_source(f"via_sd_qmm_against_{digest}", renamed)  # the flags this tree's kernel is built with
     return getattr(torch.ops, NAMESPACE).qmm
 
 

@@ -65,14 +65,18 @@ def require() -> None:
                          "install a C++ compiler and ninja, or use precision bf16 or int8")
 
 
+def compile_source(name: str, source: Path) -> None:
+    """Build ``source`` (this kernel or another version of it) for this CPU and load its ops, as ``name``."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+
+
 def _build() -> str | None:
     if not hasattr(torch.ops, "via_sd") or not hasattr(torch.ops.via_sd, "qmm"):
         try:
-            from torch.utils import cpp_extension
-
-            cpp_extension.load(name=f"via_sd_qmm_{_build_tag()}", sources=[str(SOURCE)],
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                               is_python_module=False, verbose=False)
+            compile_source(f"via_sd_qmm_{_build_tag()}", SOURCE)
         except Exception as exc:  # no compiler, no ninja, a failed build: the reason goes to the user
             log.warning("via_sd qmm kernel unavailable: %s", exc)
             return f"{type(exc).__name__}: {exc}".splitlines()[0]
