@@ -88,6 +88,41 @@ def test_the_kernels_isa_is_reported():
     assert (qmm.int8_available() is None) == (qmm.isa(torch.float32, int8=True) != "scalar")
 
 
+@pytest.mark.parametrize("bits, group", [(4, 32), (6, 16)])
+def test_k_quant_super_blocks_at_their_largest_sums_neither_overflow_nor_round(bits, group):
+    """int8 activations against K-quants at the extremes of every factor: the largest codes, inputs all +-127 of
+    one sign per row, multipliers at int8's ends. A super-block's sum of a_g * dot_g then passes 2^24 (where a
+    float32 running sum starts to round) and comes near what int16 pairs and int32 sums hold; the vector kernel
+    still equals the scalar reference bit for bit, and both the float64 product of the same integers."""
+    gen = torch.Generator().manual_seed(3)
+    rows, inputs = 64, 512
+    top = 2**bits - 1
+    codes = top - torch.randint(0, 2, (rows, inputs), generator=gen, dtype=torch.uint8)  # odd and even sums
+    amax = 63 if bits == 4 else 127  # Q4_K's 6-bit multipliers, Q6_K's int8 ones
+    a = amax - torch.randint(0, 2, (rows, inputs // group), generator=gen)
+    if bits == 6:
+        a[rows // 2 :] = -128
+    b = torch.randint(0, 64, (rows, inputs // group), generator=gen) if bits == 4 else torch.zeros_like(a)
+    d = torch.full((rows, inputs // 256), 2.0**-10).half().float()
+    dmin = torch.full((rows, inputs // 256), -(2.0**-9)).half().float()
+    per = 256 // group
+    scale, low = d.repeat_interleave(per, 1) * a, dmin.repeat_interleave(per, 1) * b
+    packed = qmm.pack(codes, scale, low, bits, group, (a, b, d, dmin))
+    for m in (1, 5, 6, 13):
+        x = torch.ones(m, inputs) * torch.tensor([1.0, -1.0])[torch.arange(m) % 2][:, None]
+        x[:, ::7] *= 0.999  # still 127 once rounded: every q is +-127
+        q, s, _ = qmm.quantize(x, group, kquant=True)
+        assert int(q.abs().min()) == 127
+        got = qmm.matmul(x, *packed, rows, bits, group, int8=True)
+        assert torch.equal(got, torch.ops.via_sd.qmm_reference(x, *packed, rows, bits, group, None, False, True)), m
+        dots = (codes.view(rows, -1, group).long()[None] * q.view(m, 1, -1, group).long()).sum(-1)  # [m, rows, groups]
+        sums = (dots * a[None]).view(m, rows, -1, per).sum(-1)  # [m, rows, supers]: the exact integers
+        assert int(sums.abs().max()) > 2**24
+        lows = (b[None] * q.view(m, 1, -1, group).long().sum(-1)).view(m, rows, -1, per).sum(-1)
+        exact = ((sums * d[None] + lows * dmin[None]).double() * s.double()[:, None, :]).sum(-1)
+        assert torch.allclose(got.double(), exact, rtol=1e-6, atol=0), m
+
+
 @pytest.mark.parametrize("bits, group", qmm.FORMATS)
 @pytest.mark.parametrize("kquant", [False, True])
 def test_int8_activations_are_rounded_per_group_and_summed_exactly(bits, group, kquant):
