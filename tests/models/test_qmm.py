@@ -202,9 +202,12 @@ def test_swiglu_epilogue_is_silu_to_float32_rounding_and_the_same_in_every_path(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attend_short_equals_causal_attention_in_float64(dtype):
     """The C++ attention of a few queries (AVX512, AVX2 or scalar, whichever this CPU runs) against float64
-    softmax attention: head sizes that fill the vectors or not, key counts off the vector width, GQA."""
+    softmax attention: head sizes that fill the vectors or not, key counts off the vector width, GQA with up to
+    7 query heads a kv head (AVX2 takes a token's heads of one kv head together, 6 at a time at most). Each token's
+    rows equal, bit for bit, that token attended alone (a verify block computes what one-token steps do)."""
     gen = torch.Generator().manual_seed(0)
-    for d, kv_heads, g, t, start in ((16, 1, 2, 1, 0), (48, 2, 3, 3, 5), (128, 2, 6, 4, 37), (24, 1, 1, 2, 9)):
+    for d, kv_heads, g, t, start in ((16, 1, 2, 1, 0), (48, 2, 3, 3, 5), (128, 2, 6, 4, 37), (24, 1, 1, 2, 9),
+                                     (64, 2, 7, 5, 40), (32, 1, 13, 2, 3)):
         cache_k = torch.randn(kv_heads, 64, d, generator=gen).to(dtype)
         cache_v = torch.randn(kv_heads, 64, d, generator=gen).to(dtype)
         grouped = (torch.randn(kv_heads, g * t, d, generator=gen) * d**-0.5).to(dtype)
@@ -216,6 +219,9 @@ def test_attend_short_equals_causal_attention_in_float64(dtype):
         want = torch.einsum("hgts,hsd->thgd", weights, cache_v.double()[:, : start + t]).reshape(t, -1)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         assert float((got.double() - want).abs().max()) <= tol, (d, kv_heads, g, t, start)
+        for i in range(t):
+            alone = grouped.view(kv_heads, g, t, d)[:, :, i].contiguous()
+            assert torch.equal(got[i : i + 1], torch.ops.via_sd.attend_short(alone, cache_k, cache_v, start + i, 1))
 
 
 def test_rope_write_equals_the_tensor_ops_it_replaces():

@@ -1399,6 +1399,25 @@ inline float sum8(__m256 v) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
+// scores[s] = exp(scores[s] - max) for s < S, returning their sum
+inline float exp_and_sum_avx2(float* scores, int64_t S) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) top = std::max(top, scores[s]);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    const __m256 e = exp_cephes(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + s, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float sum = sum8(sums);
+  for (; s < S; ++s) {
+    scores[s] = std::exp(scores[s] - top);
+    sum += scores[s];
+  }
+  return sum;
+}
+
 // attend_row_avx512 on 8 lanes (AVX2 without AVX512: the scalar row's strict float order keeps the compiler
 // from vectorizing its dot products, ~20x slower); its exp is the epilogue's exp_cephes
 template <typename T>
@@ -1414,21 +1433,7 @@ void attend_row_avx2(const T* q, const T* keys, const T* values, int64_t S, int6
     }
     scores[s] = sum8(_mm256_add_ps(acc0, acc1));
   }
-  float top = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) top = std::max(top, scores[s]);
-  __m256 sums = _mm256_setzero_ps();
-  int64_t s = 0;
-  for (; s + 8 <= S; s += 8) {
-    const __m256 e = exp_cephes(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
-    _mm256_storeu_ps(scores + s, e);
-    sums = _mm256_add_ps(sums, e);
-  }
-  float sum = sum8(sums);
-  for (; s < S; ++s) {
-    scores[s] = std::exp(scores[s] - top);
-    sum += scores[s];
-  }
-  const float inv = 1.f / sum;
+  const float inv = 1.f / exp_and_sum_avx2(scores, S);
   for (int64_t c = 0; c < D; c += 32) {  // 32 outputs at a time in registers
     const int64_t width = std::min<int64_t>(32, D - c);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -1442,6 +1447,91 @@ void attend_row_avx2(const T* q, const T* keys, const T* values, int64_t S, int6
       _mm256_store_ps(tmp, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
       for (int j = 0; j < 8; ++j) out[c + 8 * i + j] = static_cast<T>(tmp[j]);
     }
+  }
+}
+
+// attend_row_avx2 for R query rows over the same keys (query heads of one kv head, one token; D % 16 == 0): each
+// key and value read once for all R rows rather than once a row (they come from L2: a few hundred keys of a
+// head are 64-128 KB), each row's arithmetic in attend_row_avx2's order, so the same bits. ``scores`` [R][S].
+template <int R, typename T>
+void attend_rows_avx2(const T* const* q, const T* keys, const T* values, int64_t S, int64_t D, float* scores,
+                      T* const* out) {
+  alignas(32) float qf[R][256];
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) qf[r][d] = static_cast<float>(q[r][d]);
+  for (int64_t s = 0; s < S; ++s) {
+    const T* k = keys + s * D;
+    __m256 acc0[R], acc1[R];
+    const __m256 k0 = load8(k), k1 = load8(k + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+      acc0[r] = _mm256_mul_ps(_mm256_load_ps(qf[r]), k0), acc1[r] = _mm256_mul_ps(_mm256_load_ps(qf[r] + 8), k1);
+    for (int64_t d = 16; d < D; d += 16) {
+      const __m256 kd0 = load8(k + d), kd1 = load8(k + d + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        acc0[r] = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + d), kd0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + d + 8), kd1, acc1[r]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) scores[r * S + s] = sum8(_mm256_add_ps(acc0[r], acc1[r]));
+  }
+  float inv[R];
+  for (int r = 0; r < R; ++r) inv[r] = 1.f / exp_and_sum_avx2(scores + r * S, S);
+  for (int64_t c = 0; c < D; c += 16) {  // each output a sum over the keys in their order, as attend_row_avx2's
+    __m256 acc[R][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < S; ++t) {
+      const __m256 v0 = load8(values + t * D + c), v1 = load8(values + t * D + c + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 w = _mm256_set1_ps(scores[r * S + t]);
+        acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]), acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 2; ++i) {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, _mm256_mul_ps(acc[r][i], _mm256_set1_ps(inv[r])));
+        for (int j = 0; j < 8; ++j) out[r][c + 8 * i + j] = static_cast<T>(tmp[j]);
+      }
+  }
+}
+
+// attend_short on AVX2 for float and bf16 with D % 16 == 0: one token's g query rows of a kv head at a time, in
+// register blocks of at most 6 (balanced); false (nothing done) for other dtypes and sizes
+template <typename T>
+bool attend_grouped_avx2(const T* qp, const T* kp, const T* vp, T* op, int64_t Hkv, int64_t g, int64_t T_, int64_t D,
+                         int64_t ch, int64_t start) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    if (D % 16 != 0) return false;
+    constexpr int MAX_ROWS = 6;
+    const int64_t rows = g * T_;
+    at::parallel_for(0, Hkv * T_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(MAX_ROWS * (start + T_));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t h = i / T_, t = i % T_, S = start + t + 1;
+        const int64_t chunks = (g + MAX_ROWS - 1) / MAX_ROWS;
+        for (int64_t c = 0, j0 = 0; c < chunks; ++c) {
+          const int64_t n = (g - j0) / (chunks - c);
+          const T* q[MAX_ROWS];
+          T* o[MAX_ROWS];
+          for (int64_t j = 0; j < n; ++j) {
+            q[j] = qp + (h * rows + (j0 + j) * T_ + t) * D;
+            o[j] = op + t * Hkv * g * D + (h * g + j0 + j) * D;
+          }
+          dispatch_rows<MAX_ROWS>(n, [&](auto R) {
+            attend_rows_avx2<decltype(R)::value>(q, kp + h * ch, vp + h * ch, S, D, scores.data(), o);
+          });
+          j0 += n;
+        }
+      }
+    });
+    return true;
+  } else {
+    return false;
   }
 }
 #endif
@@ -1483,6 +1573,9 @@ at::Tensor attend_short(const at::Tensor& grouped, const at::Tensor& cache_k, co
     const scalar_t* kp = cache_k.data_ptr<scalar_t>();
     const scalar_t* vp = cache_v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+#if defined(QMM_AVX2) && !defined(__AVX512F__)
+    if (attend_grouped_avx2(qp, kp, vp, op, Hkv, g, T, D, ch, start)) return;
+#endif
     at::parallel_for(0, Hkv * rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scores(start + T);
       for (int64_t i = begin; i < end; ++i) {
