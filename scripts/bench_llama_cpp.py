@@ -121,9 +121,14 @@ def main() -> None:
             record["runs"][f"{setup}@c={level}"] = result
             print(f"llama.cpp {setup:5s} c={level}: {result['tokens_per_s']:6.2f} tok/s ({result['tokens']} tokens, "
                   f"{result['cached_prompt_tokens']} prompt tokens cached)", file=sys.stderr, flush=True)
+    emit(record, args.json)
+
+
+def emit(record: dict, path: str | None) -> None:
+    """The record to stdout, and to ``path`` where given."""
     print(json.dumps(record, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
 

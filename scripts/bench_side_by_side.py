@@ -16,14 +16,13 @@ prompts and per prompt. Greedy. Never run by the tests.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llama_cpp import WARM_UP, complete, start  # noqa: E402
+from bench_llama_cpp import WARM_UP, complete, emit, start  # noqa: E402
 
 from via_sd_ray.bench import forget_prefixes, policy_for  # noqa: E402
 from via_sd_ray.config import load_config  # noqa: E402
@@ -114,10 +113,7 @@ def main() -> None:
     for m, r in record["ratios"].items():
         print(f"ours {m} / {best}: {r['over_all_prompts']:.3f} (per prompt: median {r['per_prompt_median']:.3f}, "
               f"{r['per_prompt_range'][0]:.3f}-{r['per_prompt_range'][1]:.3f})", file=sys.stderr)
-    print(json.dumps(record, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    emit(record, args.json)
 
 
 if __name__ == "__main__":

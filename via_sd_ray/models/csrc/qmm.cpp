@@ -1419,40 +1419,12 @@ inline float exp_and_sum_avx2(float* scores, int64_t S) {
 }
 
 // attend_row_avx512 on 8 lanes (AVX2 without AVX512: the scalar row's strict float order keeps the compiler
-// from vectorizing its dot products, ~20x slower); its exp is the epilogue's exp_cephes
-template <typename T>
-void attend_row_avx2(const T* q, const T* keys, const T* values, int64_t S, int64_t D, float* scores, T* out) {
-  float qf[256];
-  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]);
-  for (int64_t s = 0; s < S; ++s) {
-    const T* k = keys + s * D;
-    __m256 acc0 = _mm256_mul_ps(_mm256_loadu_ps(qf), load8(k)), acc1 = _mm256_mul_ps(_mm256_loadu_ps(qf + 8), load8(k + 8));
-    for (int64_t d = 16; d < D; d += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(k + d), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d + 8), load8(k + d + 8), acc1);
-    }
-    scores[s] = sum8(_mm256_add_ps(acc0, acc1));
-  }
-  const float inv = 1.f / exp_and_sum_avx2(scores, S);
-  for (int64_t c = 0; c < D; c += 32) {  // 32 outputs at a time in registers
-    const int64_t width = std::min<int64_t>(32, D - c);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t t = 0; t < S; ++t) {
-      const __m256 w = _mm256_set1_ps(scores[t]);
-      const T* v = values + t * D + c;
-      for (int64_t i = 0; i < width / 8; ++i) acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
-    }
-    for (int64_t i = 0; i < width / 8; ++i) {
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
-      for (int j = 0; j < 8; ++j) out[c + 8 * i + j] = static_cast<T>(tmp[j]);
-    }
-  }
-}
-
-// attend_row_avx2 for R query rows over the same keys (query heads of one kv head, one token; D % 16 == 0): each
-// key and value read once for all R rows rather than once a row (they come from L2: a few hundred keys of a
-// head are 64-128 KB), each row's arithmetic in attend_row_avx2's order, so the same bits. ``scores`` [R][S].
+// from vectorizing its dot products, ~20x slower; its exp is the epilogue's exp_cephes), for R query rows over
+// the same keys (the query heads of one kv head, one token; D % 16 == 0): each key and value read once for all
+// R rows rather than once a row (they come from L2: a few hundred keys of a head are 64-128 KB; ~2.5x faster
+// for the 1.5B's 6 heads a kv head). A row's arithmetic does not depend on R: each dot product in two 8-lane
+// sums (inputs 16j..16j+7, 16j+8..16j+15) added across lanes at the end, each output a sum over the keys in
+// their order. ``scores`` [R][S].
 template <int R, typename T>
 void attend_rows_avx2(const T* const* q, const T* keys, const T* values, int64_t S, int64_t D, float* scores,
                       T* const* out) {
@@ -1479,7 +1451,7 @@ void attend_rows_avx2(const T* const* q, const T* keys, const T* values, int64_t
   }
   float inv[R];
   for (int r = 0; r < R; ++r) inv[r] = 1.f / exp_and_sum_avx2(scores + r * S, S);
-  for (int64_t c = 0; c < D; c += 16) {  // each output a sum over the keys in their order, as attend_row_avx2's
+  for (int64_t c = 0; c < D; c += 16) {
     __m256 acc[R][2];
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -1587,13 +1559,6 @@ at::Tensor attend_short(const at::Tensor& grouped, const at::Tensor& cache_k, co
         if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
           if (D % 16 == 0) {
             attend_row_avx512(q, kp + h * ch, vp + h * ch, S, D, reinterpret_cast<float*>(scores.data()), o);
-            continue;
-          }
-        }
-#elif defined(QMM_AVX2)
-        if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
-          if (D % 16 == 0) {
-            attend_row_avx2(q, kp + h * ch, vp + h * ch, S, D, reinterpret_cast<float*>(scores.data()), o);
             continue;
           }
         }
