@@ -757,13 +757,9 @@ __attribute__((always_inline)) inline void group_dots_avx2(const int8_t* x, int6
   }
   if (BITS == 4) {
 #pragma GCC unroll 8
-    for (int m = 0; m < R; ++m) {
-      if (WEIGHTED) {
-        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(sum16[m][0], w0));
-        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(sum16[m][1], w1));
-      } else {
-        acc[m][0] = _mm256_madd_epi16(sum16[m][0], ones), acc[m][1] = _mm256_madd_epi16(sum16[m][1], ones);
-      }
+    for (int m = 0; m < R; ++m) {  // (acc is zero here unless WEIGHTED: the add folds away)
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(sum16[m][0], w0));
+      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(sum16[m][1], w1));
     }
   }
 }
@@ -1480,12 +1476,11 @@ bool attend_grouped_avx2(const T* qp, const T* kp, const T* vp, T* op, int64_t H
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
     if (D % 16 != 0) return false;
     constexpr int MAX_ROWS = 6;
-    const int64_t rows = g * T_;
+    const int64_t rows = g * T_, chunks = (g + MAX_ROWS - 1) / MAX_ROWS;
     at::parallel_for(0, Hkv * T_, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(MAX_ROWS * (start + T_));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t h = i / T_, t = i % T_, S = start + t + 1;
-        const int64_t chunks = (g + MAX_ROWS - 1) / MAX_ROWS;
         for (int64_t c = 0, j0 = 0; c < chunks; ++c) {
           const int64_t n = (g - j0) / (chunks - c);
           const T* q[MAX_ROWS];
