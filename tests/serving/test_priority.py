@@ -20,10 +20,14 @@ THREADED_CHILD = ("import threading, time\n"
 
 
 def thread_niceness(pid: int) -> dict[int, int]:
-    """Each thread's nice value, from /proc (field 19 of stat, after the parenthesised name)."""
+    """Each live thread's nice value, from /proc (field 19 of stat, after the parenthesised name); a thread
+    that ends between the listing and the read (a replica's short-lived workers) has none."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:
+            continue
         out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
     return out
 
